@@ -1,0 +1,74 @@
+"""Medical sources in their upstream formats: PubMedQA (PQA-L)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from finetune.data import readers, sources
+from finetune.data.formats import bad_row
+from finetune.errors import FinetuneError
+
+PUBMEDQA_LABELS = ("yes", "no", "maybe")
+PUBMEDQA_SPLITS = ("train", "test", "all")
+
+
+def _pubmedqa_test_pmids(source: readers.Source) -> set[str]:
+    ground_truth = source.path.parent / "test_ground_truth.json"
+    if not ground_truth.is_file():
+        raise FinetuneError(
+            f"{source.path}: split {source.split}: test_ground_truth.json (the 500 official test PMIDs) must sit beside "
+            "ori_pqal.json so the test questions are never trained on; copy it from the PubMedQA repository"
+        )
+    return set(sources.read_json(ground_truth))
+
+
+def pubmedqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+    """ori_pqal.json is an object keyed by PMID; `split` picks the non-test PMIDs (train), the official test ones, or all."""
+    if source.split not in PUBMEDQA_SPLITS:
+        raise FinetuneError(f"data.sources[].split: pubmedqa has splits {', '.join(PUBMEDQA_SPLITS)}, got {source.split!r}")
+    data = sources.read_json(source.path)
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{source.path}: expected PubMedQA's ori_pqal.json layout (an object keyed by PMID), found a {type(data).__name__}")
+    test = _pubmedqa_test_pmids(source) if source.split != "all" else set()
+    for pmid, record in data.items():
+        if (source.split == "train") == (pmid in test) and source.split != "all":
+            continue
+        yield f"{source.path}: PMID {pmid}", {"pmid": pmid, **record} if isinstance(record, dict) else record
+
+
+def pubmedqa_convert(record: dict, where: str, source: readers.Source) -> dict:
+    if not isinstance(record, dict):
+        raise bad_row(where, "(record)", "an object with QUESTION, CONTEXTS, final_decision", record)
+    contexts = record.get("CONTEXTS")
+    if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+        raise bad_row(where, "CONTEXTS", "a list of strings", contexts)
+    label = record.get("final_decision")
+    if label not in PUBMEDQA_LABELS:
+        raise bad_row(where, "final_decision", "one of yes, no, maybe", label)
+    question = record.get("QUESTION")
+    if not isinstance(question, str) or not question.strip():
+        raise bad_row(where, "QUESTION", "a non-empty string", question)
+    long_answer = record.get("LONG_ANSWER")
+    return {
+        "id": f"pubmedqa-{record['pmid']}",
+        "question": question,
+        "options": {label: label for label in PUBMEDQA_LABELS},
+        "answer": label,
+        "context": "\n".join(contexts),
+        "explanation": long_answer if isinstance(long_answer, str) and long_answer.strip() else None,
+        "instruction": None,
+    }
+
+
+readers.register(
+    readers.Reader(
+        name="pubmedqa",
+        kind="mcq",
+        records=pubmedqa_records,
+        convert=pubmedqa_convert,
+        description="PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. "
+        "Splits: train (non-test PMIDs), test (the 500 official test PMIDs), all.",
+        card="medical/pubmedqa.md",
+        license="MIT",
+    )
+)

@@ -1,0 +1,80 @@
+"""The reader registry: each reader turns one source format into common rows (see formats.py).
+
+A reader has two parts: `records(source)` yields the source's raw records as (where, record),
+and `convert(record, where, source)` turns one record into a row of the reader's `kind`, raising
+FinetuneError (via formats.bad_row) when the record is malformed, so `data.on_bad_row: skip`
+can skip exactly that record. Bump `version` whenever a reader's output changes: it is part of
+the tokenized-cache key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.data import sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a reader gets from the recipe's data.sources[] entry."""
+
+    path: Path | None
+    hub: str | None = None
+    config: str | None = None
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def records(self, header: bool = True) -> Iterator[tuple[str, dict]]:
+        raw = sources.hub_records(self.hub, self.config, self.split) if self.hub else sources.records(self.path, header)
+        for where, record in raw:
+            yield where, sources.rename(record, self.columns, where) if isinstance(record, dict) else record
+
+    @property
+    def name(self) -> str:
+        return self.hub or str(self.path)
+
+
+@dataclass(frozen=True)
+class Reader:
+    name: str
+    kind: str  # the row kind it yields: sft | mcq | qa | preference
+    records: Callable[[Source], Iterator[tuple[str, dict]]]
+    convert: Callable[[dict, str, Source], dict]
+    description: str
+    card: str = ""  # datasets/<card>, the source's origin, license and schema
+    license: str = ""
+    commercial_use: bool = True
+    version: int = 1
+
+
+def _default_records(source: Source) -> Iterator[tuple[str, dict]]:
+    yield from source.records()
+
+
+def _messages(record: dict, where: str, source: Source) -> dict:
+    return {"messages": record.get("messages")}
+
+
+READERS: dict[str, Reader] = {}
+
+
+def register(reader: Reader) -> Reader:
+    READERS[reader.name] = reader
+    return reader
+
+
+register(
+    Reader(
+        name="messages",
+        kind="sft",
+        records=_default_records,
+        convert=_messages,
+        description="Chat rows: {messages: [{role, content}, ...]} in JSONL, JSON, parquet or a Hub data set.",
+        card="formats.md",
+    )
+)
+
+# Domain readers register themselves on import.
+from finetune.data import medical  # noqa: E402,F401

