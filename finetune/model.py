@@ -122,7 +122,8 @@ def resolve(section: ModelSection) -> tuple[str, dict]:
 
 
 def _hub_error(base: str, error: Exception) -> FinetuneError:
-    if isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    offline = isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or "couldn't connect" in str(error)
+    if offline or os.environ.get("HF_HUB_OFFLINE") == "1":
         return FinetuneError(
             f"model.base: {base}: not in the local Hugging Face cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE or no network); download it where there is network, or set model.base to a local folder"

@@ -160,6 +160,14 @@ def find(name_or_path: str) -> Path:
     raise FinetuneError(f"{name_or_path}: no such recipe{_suggest(name_or_path, names)}; see `finetune recipes list`")
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -274,7 +282,7 @@ def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     data = _load_raw(path)
     data.setdefault("name", path.stem)
     data = apply_overrides(data, list(overrides), str(path))
-    recipe = validate(data, str(path))
+    recipe = validate(data, _shown(path))
     recipe._source = path  # type: ignore[attr-defined]
     return recipe
 

@@ -55,6 +55,9 @@ def tiny_llama_dir(tmp_path_factory, embedded_dir) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        # The default init (std 0.02) gives near-uniform logits that a LoRA cannot sharpen in a few steps;
+        # a wider init makes "the loss goes down" a real signal (11.5 -> ~4 in 24 steps at lr 5e-3).
+        initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

@@ -1,4 +1,4 @@
-"""Medical sources in their upstream formats: PubMedQA (PQA-L)."""
+"""Medical sources in their upstream formats: PubMedQA (PQA-L) and MedMCQA (MedAgentsBench JSONL)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from finetune.errors import FinetuneError
 
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
 PUBMEDQA_SPLITS = ("train", "test", "all")
+MEDMCQA_LABELS = ("A", "B", "C", "D")
 
 
 def _pubmedqa_test_pmids(source: readers.Source) -> set[str]:
@@ -26,7 +27,7 @@ def pubmedqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
     """ori_pqal.json is an object keyed by PMID; `split` picks the non-test PMIDs (train), the official test ones, or all."""
     if source.split not in PUBMEDQA_SPLITS:
         raise FinetuneError(f"data.sources[].split: pubmedqa has splits {', '.join(PUBMEDQA_SPLITS)}, got {source.split!r}")
-    data = sources.read_json(source.path)
+    data = sources.read_json(sources.local_path(source.path, source.hub, "pubmedqa"))
     if not isinstance(data, dict):
         raise FinetuneError(f"{source.path}: expected PubMedQA's ori_pqal.json layout (an object keyed by PMID), found a {type(data).__name__}")
     test = _pubmedqa_test_pmids(source) if source.split != "all" else set()
@@ -59,6 +60,44 @@ def pubmedqa_convert(record: dict, where: str, source: readers.Source) -> dict:
         "instruction": None,
     }
 
+
+def medmcqa_convert(record: dict, where: str, source: readers.Source) -> dict:
+    if not isinstance(record, dict):
+        raise bad_row(where, "(record)", "an object with question, options, answer_idx", record)
+    options = record.get("options")
+    if not isinstance(options, dict) or sorted(options) != list(MEDMCQA_LABELS):
+        raise bad_row(where, "options", "an object with the keys A, B, C, D", options)
+    label = record.get("answer_idx")
+    if label not in MEDMCQA_LABELS:
+        raise bad_row(where, "answer_idx", "one of A, B, C, D", label)
+    # `answer` repeats the correct option's text: a mismatch means the row was mis-packaged.
+    text = record.get("answer")
+    if text is not None and text != options[label]:
+        raise bad_row(where, "answer", f"the text of option {label} ({options[label]!r})", text)
+    explanation = record.get("explanation")
+    return {
+        "id": f"medmcqa-{record.get('realidx') or where}",
+        "question": record.get("question"),
+        "options": {key: options[key] for key in MEDMCQA_LABELS},
+        "answer": label,
+        "context": None,
+        "explanation": explanation if isinstance(explanation, str) and explanation.strip() else None,
+        "instruction": None,
+    }
+
+
+readers.register(
+    readers.Reader(
+        name="medmcqa",
+        kind="mcq",
+        records=readers._default_records,
+        convert=medmcqa_convert,
+        description="MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, realidx; "
+        "explanation when present) -> 4-option multiple choice.",
+        card="medical/medmcqa.md",
+        license="MIT (MedAgentsBench packaging); MedMCQA upstream open-licensed",
+    )
+)
 
 readers.register(
     readers.Reader(

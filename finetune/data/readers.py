@@ -78,3 +78,4 @@ register(
 
 # Domain readers register themselves on import.
 from finetune.data import medical  # noqa: E402,F401
+from finetune.data import finance, general, legal  # noqa: E402,F401

@@ -33,6 +33,8 @@ def read_text(path: Path) -> str:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
             raise FinetuneError(f"{path}: not a valid gzip file ({e}); re-download or decompress it") from None
+    if not raw:
+        raise FinetuneError(f"{path}: the file is empty; check data.sources[].path or re-download the file")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -43,12 +45,22 @@ def read_text(path: Path) -> str:
         return text
 
 
+def local_path(path: Path | None, hub: str | None, reader: str) -> Path:
+    """The local file of a reader that parses an upstream release's own layout (not a Hub data set's)."""
+    if path is None:
+        raise FinetuneError(
+            f"data.sources[].hub: {hub}: the {reader} reader reads the upstream release files, not a Hub data set; "
+            "download them and set data.sources[].path instead"
+        )
+    return path
+
+
 def read_json(path: Path):
     text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise FinetuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or re-download the file") from None
+        raise FinetuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix or re-download the file") from None
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
@@ -59,7 +71,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise FinetuneError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line or set data.on_bad_row=skip") from None
+            raise FinetuneError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix the line or set data.on_bad_row=skip") from None
         yield where, record
 
 

@@ -1,0 +1,291 @@
+"""The `finetune` command. Every user error becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+
+EPILOG = """examples:
+  finetune run medical                          train recipes/medical.yaml
+  finetune run recipes/medical.yaml train.max_steps=50 adapter.r=8
+  finetune recipes list | show medical | schema
+  finetune data preview medical -n 2
+  finetune generate runs/medical "Is aspirin an NSAID?"
+  finetune chat runs/medical
+"""
+
+
+def _recipe(args):
+    from finetune import recipe
+
+    return recipe.load(args.recipe, args.overrides)
+
+
+def cmd_run(args) -> int:
+    from finetune import train
+
+    recipe = _recipe(args)
+    out = train.run(recipe, overwrite=args.overwrite)
+    summary = json.loads((out / "run.json").read_text())
+    print(f"done: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
+          f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB")
+    print(f"try it: finetune generate {out} \"your question\"")
+    return 0
+
+
+def cmd_recipes_list(args) -> int:
+    from finetune import recipe
+
+    for folder in recipe.recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                loaded = recipe.load(str(path))
+                line = f"{path.stem:<24} {loaded.description}"
+            except FinetuneError as e:
+                line = f"{path.stem:<24} INVALID: {e}"
+            print(line)
+    return 0
+
+
+def cmd_recipes_show(args) -> int:
+    from finetune import recipe
+
+    print(recipe.to_yaml(_recipe(args)), end="")
+    return 0
+
+
+def cmd_recipes_schema(args) -> int:
+    from finetune import recipe
+
+    print(recipe.schema_reference())
+    return 0
+
+
+def cmd_data_readers(args) -> int:
+    from finetune.data.readers import READERS
+
+    for name, reader in sorted(READERS.items()):
+        flag = "" if reader.commercial_use else "  [NON-COMMERCIAL]"
+        print(f"{name:<20} {reader.kind:<11} {reader.license or '-':<14} {reader.description}{flag}")
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    from finetune.data.readers import READERS
+
+    recipe = _recipe(args)
+    for source in recipe.data.sources:
+        reader = READERS[source.reader]
+        where = source.path or source.hub
+        print(f"{where}\n  reader: {reader.name} ({reader.kind} rows), split: {source.split}, license: {reader.license or 'see the source'}")
+        if reader.card:
+            print(f"  card: datasets/{reader.card}")
+        if not reader.commercial_use:
+            print("  WARNING: this source's license forbids commercial use")
+    return 0
+
+
+def _tokenizer_for(recipe):
+    from finetune import model
+
+    source, hub_kwargs = model.resolve(recipe.model)
+    return model.load_tokenizer(source, recipe.model, hub_kwargs)
+
+
+def cmd_data_preview(args) -> int:
+    from finetune.data import build
+
+    recipe = _recipe(args)
+    tokenizer = _tokenizer_for(recipe)
+    rows, stats = build.chat_rows(recipe.data, recipe.train.seed)
+    color = sys.stdout.isatty()
+    for index, row in enumerate(rows[: args.n]):
+        tokens = build.tokenize(tokenizer, row["messages"])
+        trained = sum(label != build.IGNORE for label in tokens["labels"])
+        print(f"── row {index}: {len(tokens['input_ids'])} tokens, {trained} trained " + "─" * 20)
+        print(render_spans(tokenizer, tokens, color))
+    lengths, dropped = [], 0
+    for row in rows:
+        n = len(build.tokenize(tokenizer, row["messages"])["input_ids"])
+        if n > recipe.data.max_length:
+            dropped += 1
+        lengths.append(n)
+    print(f"── {len(rows)} rows, {stats['duplicates']} duplicates removed, {dropped} longer than max_length={recipe.data.max_length} (dropped in training)")
+    print("trained spans are " + ("green" if color else "between ⟦ and ⟧"))
+    print(length_histogram(lengths))
+    return 0
+
+
+def render_spans(tokenizer, tokens: dict, color: bool) -> str:
+    """The rendered conversation with trained (assistant) tokens marked."""
+    from finetune.data.build import IGNORE
+
+    start, end = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
+    pieces, span, trained = [], [], False
+    for token_id, label in zip(tokens["input_ids"], tokens["labels"]):
+        is_trained = label != IGNORE
+        if is_trained != trained and span:
+            text = tokenizer.decode(span)
+            pieces.append(f"{start}{text}{end}" if trained else text)
+            span = []
+        trained = is_trained
+        span.append(token_id)
+    if span:
+        text = tokenizer.decode(span)
+        pieces.append(f"{start}{text}{end}" if trained else text)
+    return "".join(pieces)
+
+
+def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> str:
+    if not lengths:
+        return ""
+    low, high = min(lengths), max(lengths)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - low) // step, bins - 1)] += 1
+    top = max(counts)
+    lines = ["tokens per row:"]
+    for i, count in enumerate(counts):
+        lo = low + i * step
+        lines.append(f"  {lo:>6}-{lo + step - 1:<6} {'█' * round(width * count / top):<{width}} {count}")
+    return "\n".join(lines)
+
+
+def cmd_data_stats(args) -> int:
+    from finetune.data import build
+
+    recipe = _recipe(args)
+    tokenizer = _tokenizer_for(recipe)
+    built = build.build(recipe, tokenizer)
+    lengths = built.stats.pop("lengths")
+    stats = {**built.stats, "max_length": recipe.data.max_length,
+             "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1]}
+    text = json.dumps(stats, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from finetune import inference
+
+    model, tokenizer = inference.load_run(Path(args.run_dir))
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    print(inference.generate(model, tokenizer, messages, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from finetune import inference
+
+    model, tokenizer = inference.load_run(Path(args.run_dir))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chatting with", args.run_dir, "(empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            prompt = input("you> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        messages.append({"role": "user", "content": prompt})
+        reply = inference.generate(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="finetune",
+        description="LoRA / QLoRA fine-tuning of Llama models from strict recipes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_args(p):
+        p.add_argument("recipe", help="recipe name (recipes/NAME.yaml) or path to a .yaml file")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=50")
+
+    run = commands.add_parser("run", help="train a recipe (SFT with LoRA/QLoRA)")
+    recipe_args(run)
+    run.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    run.set_defaults(func=cmd_run)
+
+    recipes = commands.add_parser("recipes", help="list, show or document recipes").add_subparsers(dest="action", required=True, metavar="ACTION")
+    recipes.add_parser("list", help="shipped recipes with their descriptions").set_defaults(func=cmd_recipes_list)
+    show = recipes.add_parser("show", help="print the resolved recipe (extends and overrides applied)")
+    recipe_args(show)
+    show.set_defaults(func=cmd_recipes_show)
+    recipes.add_parser("schema", help="every recipe key with its default and meaning").set_defaults(func=cmd_recipes_schema)
+
+    data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(dest="action", required=True, metavar="ACTION")
+    data.add_parser("readers", help="the source formats the toolkit reads").set_defaults(func=cmd_data_readers)
+    info = data.add_parser("info", help="a recipe's sources, readers and licenses")
+    recipe_args(info)
+    info.set_defaults(func=cmd_data_info)
+    preview = data.add_parser("preview", help="rendered rows with trained spans marked, token counts, length histogram")
+    recipe_args(preview)
+    preview.add_argument("-n", type=int, default=3, help="rows to show (default 3)")
+    preview.set_defaults(func=cmd_data_preview)
+    stats = data.add_parser("stats", help="row and token statistics as JSON")
+    recipe_args(stats)
+    stats.add_argument("-o", "--output", help="write the JSON to this file")
+    stats.set_defaults(func=cmd_data_stats)
+
+    for name, helptext, func in (("generate", "answer one prompt with a trained run", cmd_generate), ("chat", "chat with a trained run", cmd_chat)):
+        p = commands.add_parser(name, help=helptext)
+        p.add_argument("run_dir", help="the run folder (train.output_dir)")
+        if name == "generate":
+            p.add_argument("prompt")
+        p.add_argument("--system", help="system message")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.set_defaults(func=func)
+    return top
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, MatMul8bitLt casts) hides the lines that matter; --debug shows it."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    logging.getLogger("finetune").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except FinetuneError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

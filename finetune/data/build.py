@@ -1,0 +1,178 @@
+"""data.build(): the recipe's sources -> validated rows -> chat rows -> tokens with assistant-only labels.
+
+Policy for long rows: a conversation whose tokens exceed data.max_length is dropped and counted,
+never truncated, because truncation would cut the answer (and its EOS) and train the model to
+stop mid-sentence. Tokenized rows are cached under the cache folder, keyed by everything that
+changes tokens: the tokenizer's vocabulary and special tokens, the chat template, max_length,
+the reader versions and the rows themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+
+from finetune.data import formats
+from finetune.data.readers import READERS, Reader, Source
+from finetune.errors import FinetuneError
+from finetune.model import cache_dir
+from finetune.recipe import DataSection, Recipe, SourceSection, resolve_path
+
+IGNORE = -100
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    train: object  # datasets.Dataset with input_ids, labels
+    eval: object | None
+    stats: dict = field(default_factory=dict)
+
+
+def source_of(section: SourceSection) -> Source:
+    path = resolve_path(section.path) if section.path else None
+    return Source(path=path, hub=section.hub, config=section.config, split=section.split, columns=dict(section.columns))
+
+
+def read_source(section: SourceSection, on_bad_row: str, seed: int) -> tuple[Reader, list[dict], int]:
+    """Validated rows of one source (its limit applied after a seeded shuffle) and the skipped count."""
+    reader = READERS[section.reader]
+    source = source_of(section)
+    check = formats.CHECKS[reader.kind]
+    rows, skipped = [], 0
+    for where, record in reader.records(source):
+        try:
+            rows.append(check(reader.convert(record, where, source), where))
+        except FinetuneError:
+            if on_bad_row == "error":
+                raise
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d malformed record(s) (data.on_bad_row=skip)", source.name, skipped)
+    if section.limit is not None and len(rows) > section.limit:
+        rows = random.Random(seed).sample(rows, section.limit)
+    return reader, rows, skipped
+
+
+def chat_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
+    """All sources as deduplicated chat rows in a seeded order, with per-source counts."""
+    rows, seen, stats = [], set(), {"sources": [], "duplicates": 0}
+    for section in data.sources:
+        reader, source_rows, skipped = read_source(section, data.on_bad_row, seed)
+        stats["sources"].append({"source": section.path or section.hub, "reader": reader.name, "rows": len(source_rows), "skipped": skipped})
+        for row in source_rows:
+            chat = formats.to_sft(row, reader.kind, data.system_prompt)
+            key = json.dumps(chat["messages"], sort_keys=True)
+            if key in seen:
+                stats["duplicates"] += 1
+                continue
+            seen.add(key)
+            rows.append(chat)
+    if not rows:
+        raise FinetuneError("data: the sources gave no rows; check data.sources[].path, split and limit")
+    random.Random(seed).shuffle(rows)
+    return rows, stats
+
+
+def tokenize(tokenizer, messages: list[dict]) -> dict:
+    """input_ids and labels; labels are -100 except on assistant content and its end-of-turn token."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    if not any(mask):
+        raise FinetuneError("model.chat_template: the template marks no assistant tokens; it needs {% generation %} markers around the assistant content")
+    return {"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)]}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps([tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token], sort_keys=True)
+    return hashlib.sha256((vocab + special).encode()).hexdigest()
+
+
+def cache_key(tokenizer, recipe: Recipe, rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for part in (
+        tokenizer_fingerprint(tokenizer),
+        tokenizer.chat_template,
+        str(recipe.data.max_length),
+        json.dumps({s.reader: READERS[s.reader].version for s in recipe.data.sources}, sort_keys=True),
+        json.dumps(rows, sort_keys=True),
+    ):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _tokenize_all(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
+    kept, too_long = [], 0
+    for row in rows:
+        tokens = tokenize(tokenizer, row["messages"])
+        if len(tokens["input_ids"]) > max_length:
+            too_long += 1
+            continue
+        kept.append(tokens)
+    return kept, too_long
+
+
+def build(recipe: Recipe, tokenizer) -> Built:
+    from datasets import Dataset, load_from_disk
+
+    rows, stats = chat_rows(recipe.data, recipe.train.seed)
+    n_eval = round(len(rows) * recipe.data.eval_fraction)
+    if recipe.data.eval_fraction and n_eval == 0:
+        n_eval = 1
+    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+    if not train_rows:
+        raise FinetuneError(f"data.eval_fraction: {recipe.data.eval_fraction} leaves no training rows out of {len(rows)}; lower it")
+
+    key = cache_key(tokenizer, recipe, rows) + f"-{n_eval}"
+    folder = cache_dir() / "tokenized" / key
+    if (folder / "stats.json").is_file():
+        log.info("tokenized rows from cache %s", folder)
+        cached = json.loads((folder / "stats.json").read_text())
+        train = load_from_disk(str(folder / "train"))
+        evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+        return Built(train, evaluation, {**stats, **cached, "cache": str(folder), "cache_hit": True})
+
+    train_tokens, too_long = _tokenize_all(tokenizer, train_rows, recipe.data.max_length)
+    eval_tokens, eval_too_long = _tokenize_all(tokenizer, eval_rows, recipe.data.max_length)
+    if too_long:
+        log.warning("dropped %d training row(s) longer than data.max_length=%d tokens", too_long, recipe.data.max_length)
+    if not train_tokens:
+        raise FinetuneError(f"data.max_length: all {len(train_rows)} training rows are longer than {recipe.data.max_length} tokens; raise data.max_length")
+    token_stats = {
+        "train_rows": len(train_tokens),
+        "eval_rows": len(eval_tokens),
+        "dropped_too_long": too_long + eval_too_long,
+        "train_tokens": sum(len(t["input_ids"]) for t in train_tokens),
+        "trained_tokens": sum(sum(label != IGNORE for label in t["labels"]) for t in train_tokens),
+        "lengths": sorted(len(t["input_ids"]) for t in train_tokens),
+    }
+    train = Dataset.from_list(train_tokens)
+    evaluation = Dataset.from_list(eval_tokens) if eval_tokens else None
+    _save_cache(folder, train, evaluation, token_stats)
+    return Built(train, evaluation, {**stats, **token_stats, "cache": str(folder), "cache_hit": False})
+
+
+def _save_cache(folder, train, evaluation, token_stats: dict) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+    try:
+        train.save_to_disk(os.path.join(tmp, "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(os.path.join(tmp, "eval"))
+        with open(os.path.join(tmp, "stats.json"), "w") as f:
+            json.dump(token_stats, f)
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "stats.json").is_file():
+            log.warning("could not cache tokenized rows in %s (%s); continuing without the cache", folder, e)

@@ -1,0 +1,212 @@
+"""train.run(): SFT with TRL's SFTTrainer and a PEFT adapter, as the recipe says.
+
+The run folder (train.output_dir):
+    recipe.yaml     the resolved recipe
+    adapter/        the adapter, tokenizer and training chat template (written atomically)
+    checkpoints/    resumable trainer checkpoints
+    metrics.jsonl   every logged step (loss, learning rate, grad norm, eval loss)
+    loss.png        the loss curve
+    run.json        versions, seed, wall time, tokens, tokens/s, peak memory; written last, so its
+                    presence means the run is complete
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from finetune import adapters, model as model_lib, report
+from finetune.data.build import build
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe, to_yaml
+
+log = logging.getLogger(__name__)
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "gguf", "huggingface_hub")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every log record to metrics.jsonl and stops on a non-finite loss."""
+
+    def __init__(self, path: Path, checkpoints: Path):
+        self.path = path
+        self.checkpoints = checkpoints
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                last = last_checkpoint(self.checkpoints)
+                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+                name = "loss" if key == "loss" else "gradient norm"
+                raise FinetuneError(f"train: {name} became {value} at step {state.global_step}; lower train.learning_rate or check the data ({kept})")
+
+
+def versions() -> dict:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was saved completely (trainer_state.json is written after the weights)."""
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    if (out / "run.json").is_file():
+        if not overwrite:
+            raise FinetuneError(f"{out}: a finished run is already there; pass --overwrite to replace it, or set train.output_dir")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise FinetuneError(f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+
+
+def sft_config(recipe: Recipe, out: Path, has_eval: bool):
+    from trl import SFTConfig
+
+    train = recipe.train
+    on_cpu = model_lib.device() == "cpu"
+    dtype = model_lib.compute_dtype(recipe.model)
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        gradient_checkpointing=train.gradient_checkpointing,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        # TRL defaults to bf16, which CPUs run ~17x slower than fp32 (and most refuse); follow the compute dtype.
+        bf16=dtype == torch.bfloat16 and not on_cpu,
+        fp16=dtype == torch.float16 and not on_cpu,
+        use_cpu=on_cpu,
+        max_length=recipe.data.max_length,
+        # Rows arrive tokenized with assistant-only labels from data.build.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        report_to="none",
+        logging_first_step=True,
+        # The default filter logs a NaN loss as 0, which would hide exactly what the guard looks for.
+        logging_nan_inf_filter=False,
+        disable_tqdm=False,
+    )
+
+
+def run(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Train the recipe's adapter; returns the run folder."""
+    from trl import SFTTrainer
+
+    out = recipe.output_dir
+    prepare_output(out, overwrite)
+    started = time.time()
+    model, tokenizer = model_lib.load(recipe.model)
+    data = build(recipe, tokenizer)
+    log.info("training rows: %d (%d trained tokens), eval rows: %d, dropped as too long: %d",
+             data.stats["train_rows"], data.stats["trained_tokens"], data.stats["eval_rows"], data.stats["dropped_too_long"])
+    (out / "recipe.yaml").write_text(to_yaml(recipe))
+    resume = last_checkpoint(out / "checkpoints")
+    if resume is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        log.info("resuming from %s", resume)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, out, data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=adapters.peft_config(recipe.adapter),
+        callbacks=[MetricsLog(out / "metrics.jsonl", out / "checkpoints")],
+    )
+    # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
+    # so keep trainable weights in the compute dtype.
+    dtype = model_lib.compute_dtype(recipe.model)
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    save_adapter(trainer.model, tokenizer, out / "adapter")
+    report.plot_loss(out / "metrics.jsonl", out / "loss.png", title=recipe.name)
+    wall = time.time() - started
+    epochs_done = trainer.state.epoch or 0.0
+    trained_tokens = int(data.stats["trained_tokens"] * epochs_done)
+    metadata = {
+        "recipe": recipe.name,
+        "seed": recipe.train.seed,
+        "steps": trainer.state.global_step,
+        "epochs": epochs_done,
+        "final_loss": result.training_loss,
+        "wall_time_s": round(wall, 1),
+        "train_runtime_s": round(result.metrics["train_runtime"], 1),
+        "tokens_trained": trained_tokens,
+        "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "device": model_lib.device(),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "data": {k: v for k, v in data.stats.items() if k != "lengths"},
+        "versions": versions(),
+        "python": platform.python_version(),
+    }
+    write_json_atomic(out / "run.json", metadata)
+    return out
+
+
+def save_adapter(peft_model, tokenizer, target: Path) -> None:
+    """Save adapter + tokenizer + training chat template into a temp folder, then rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+    try:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,79 @@
+"""Training for real on a tiny random Llama: loss goes down with LoRA and with nf4 QLoRA; outputs are complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune import train
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe
+
+ROWS = [
+    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 1), (2, 2), (9, 0), (4, 4), (6, 3)]
+]
+
+
+def tiny_recipe(tmp_path, base, **train_overrides) -> Recipe:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS))
+    return Recipe.model_validate({
+        "name": "tiny",
+        "model": {"base": str(base)},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"sources": [{"path": str(data)}], "max_length": 128},
+        "train": {"max_steps": 24, "learning_rate": 5e-3, "batch_size": 4, "warmup_ratio": 0.0,
+                  "lr_scheduler": "constant", "save_steps": 12, "output_dir": str(tmp_path / "run"), **train_overrides},
+    })
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_lora_training_lowers_the_loss_and_writes_every_output(tmp_path, tiny_llama_dir):
+    out = train.run(tiny_recipe(tmp_path, tiny_llama_dir))
+    curve = losses(out)
+    assert len(curve) == 24
+    assert sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
+    for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "run.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/chat_template.jinja", "adapter/tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert "generation" in (out / "adapter" / "chat_template.jinja").read_text()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["steps"] == 24 and meta["seed"] == 42
+    assert meta["tokens_trained"] > 0 and meta["tokens_per_s"] > 0 and meta["peak_rss_mb"] > 0
+    assert set(meta["versions"]) >= {"torch", "transformers", "peft", "trl"}
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert weights and all(".lora_" in name for name in weights)
+    assert any(name.endswith("lora_B.weight") and w.abs().max() > 0 for name, w in weights.items())
+
+
+def test_qlora_nf4_training_lowers_the_loss(tmp_path, tiny_llama_dir):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir)
+    recipe.model.quantization = "nf4"
+    out = train.run(recipe)
+    curve = losses(out)
+    assert sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    # Trainable weights stay in the CPU compute dtype (TRL would cast them to bf16).
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+
+
+def test_a_finished_run_is_not_overwritten_without_asking(tmp_path, tiny_llama_dir):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, max_steps=2)
+    train.run(recipe)
+    with pytest.raises(FinetuneError, match="a finished run is already there; pass --overwrite"):
+        train.run(recipe)
+    assert train.run(recipe, overwrite=True) == recipe.output_dir
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_llama_dir):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, learning_rate=1e30, max_steps=6)
+    with pytest.raises(FinetuneError, match=r"train: (loss|gradient norm) became nan at step 2; lower train.learning_rate"):
+        train.run(recipe)
+    assert not (recipe.output_dir / "run.json").exists()
+    assert not (recipe.output_dir / "adapter").exists()
