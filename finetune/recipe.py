@@ -71,7 +71,7 @@ class AdapterSection(Section):
 
 
 class SourceSection(Section):
-    path: str | None = Field(None, description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet). Relative paths are resolved from the project folder.")
+    path: str | None = Field(None, description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet); a relative path is looked up in the current folder, then in the project folder.")
     hub: str | None = Field(None, description="Hugging Face data set id, read with datasets.load_dataset (needs network).")
     config: str | None = Field(None, description="Hub data set configuration name.")
     split: str = Field("train", description="Which split to read. Domain readers define their own (e.g. pubmedqa: train = the non-test PMIDs).")
@@ -129,6 +129,12 @@ class Recipe(Section):
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.train.eval_steps and not self.data.eval_fraction:
+            raise ValueError("train.eval_steps needs held-out rows: set data.eval_fraction above 0 (e.g. 0.1)")
+        return self
 
     @property
     def output_dir(self) -> Path:

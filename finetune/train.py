@@ -76,6 +76,15 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Forget what was logged after the checkpoint a run resumes from, so no step appears twice."""
+    kept = [r for r in report.read_metrics(path) if r["step"] <= step]
+    if kept:
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        path.unlink(missing_ok=True)
+
+
 def prepare_output(out: Path, overwrite: bool) -> None:
     if (out / "run.json").is_file():
         if not overwrite:
@@ -144,9 +153,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
              data.stats["train_rows"], data.stats["trained_tokens"], data.stats["eval_rows"], data.stats["dropped_too_long"])
     (out / "recipe.yaml").write_text(to_yaml(recipe))
     resume = last_checkpoint(out / "checkpoints")
-    if resume is None:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    else:
+    trim_metrics(out / "metrics.jsonl", int(resume.name.split("-")[-1]) if resume else 0)
+    if resume:
         log.info("resuming from %s", resume)
 
     trainer = SFTTrainer(

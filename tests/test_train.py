@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from finetune import train
@@ -18,6 +20,7 @@ ROWS = [
 
 
 def tiny_recipe(tmp_path, base, **train_overrides) -> Recipe:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS))
     return Recipe.model_validate({
@@ -77,3 +80,22 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_llama_dir):
         train.run(recipe)
     assert not (recipe.output_dir / "run.json").exists()
     assert not (recipe.output_dir / "adapter").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir):
+    uninterrupted = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3))
+    interrupted = tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3)
+    out = train.run(interrupted)
+    # What a kill after the step-3 checkpoint leaves behind: no final adapter, no run.json, no later checkpoint,
+    # and metrics logged past the checkpoint.
+    for name in ("run.json", "loss.png"):
+        (out / name).unlink()
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    train.run(interrupted)
+    first = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == resumed.keys()
+    for name in first:
+        assert torch.allclose(first[name], resumed[name], atol=1e-6), name
+    assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
