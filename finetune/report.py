@@ -37,3 +37,32 @@ def plot_loss(metrics: Path, target: Path, title: str = "") -> Path | None:
     fig.savefig(target)
     plt.close(fig)
     return target
+
+
+def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
+    """rewards.png for DPO: implicit rewards of chosen and rejected answers, their margin, and the accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics) if "rewards/chosen" in r]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(10, 4.0), dpi=100)
+    for key, color in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red"), ("rewards/margins", "tab:blue")):
+        rewards.plot(steps, [r[key] for r in records], label=key.split("/")[1], color=color)
+    rewards.axhline(0, color="gray", lw=0.8)
+    rewards.set_xlabel("optimizer step")
+    rewards.set_ylabel("implicit reward")
+    rewards.legend()
+    accuracy.plot(steps, [r["rewards/accuracies"] for r in records], color="tab:purple")
+    accuracy.set_ylim(-0.05, 1.05)
+    accuracy.set_xlabel("optimizer step")
+    accuracy.set_ylabel("reward accuracy (chosen > rejected)")
+    fig.suptitle(title or "DPO rewards")
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return target

@@ -1,11 +1,11 @@
-"""train.run(): SFT with TRL's SFTTrainer and a PEFT adapter, as the recipe says.
+"""train.run(): SFT (TRL SFTTrainer) or DPO (TRL DPOTrainer) of a PEFT adapter, as the recipe says.
 
 The run folder (train.output_dir):
     recipe.yaml     the resolved recipe
     adapter/        the adapter, tokenizer and training chat template (written atomically)
     checkpoints/    resumable trainer checkpoints
     metrics.jsonl   every logged step (loss, learning rate, grad norm, eval loss)
-    loss.png        the loss curve
+    loss.png        the loss curve (and rewards.png for DPO: chosen / rejected rewards, margin, accuracy)
     run.json        versions, seed, wall time, tokens, tokens/s, peak memory; written last, so its
                     presence means the run is complete
 """
@@ -98,13 +98,12 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         raise FinetuneError(f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder") from None
 
 
-def sft_config(recipe: Recipe, out: Path, has_eval: bool):
-    from trl import SFTConfig
-
+def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
+    """Trainer arguments shared by SFT and DPO."""
     train = recipe.train
     on_cpu = model_lib.device() == "cpu"
     dtype = model_lib.compute_dtype(recipe.model)
-    return SFTConfig(
+    return dict(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -129,9 +128,6 @@ def sft_config(recipe: Recipe, out: Path, has_eval: bool):
         fp16=dtype == torch.float16 and not on_cpu,
         use_cpu=on_cpu,
         max_length=recipe.data.max_length,
-        # Rows arrive tokenized with assistant-only labels from data.build.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
         report_to="none",
         logging_first_step=True,
         # The default filter logs a NaN loss as 0, which would hide exactly what the guard looks for.
@@ -140,32 +136,85 @@ def sft_config(recipe: Recipe, out: Path, has_eval: bool):
     )
 
 
+def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **common_args(recipe, out, data.eval is not None),
+        # Rows arrive tokenized with assistant-only labels from data.build.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+
+
+def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    """DPO with no second copy of the weights: the reference is the base with the adapter disabled, or,
+    when continuing an adapter (init_from), TRL's frozen copy of that adapter."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        **common_args(recipe, out, data.eval is not None),
+        beta=recipe.dpo.beta,
+        loss_type=[recipe.dpo.loss_type],
+        label_smoothing=recipe.dpo.label_smoothing,
+        precompute_ref_log_probs=recipe.dpo.precompute_ref_log_probs,
+    )
+    return DPOTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+
+
+def initial_adapter(recipe: Recipe) -> Path | None:
+    """The adapter train.init_from names; a recipe name whose run is not finished is trained first."""
+    from finetune import recipe as recipe_lib
+    from finetune.inference import run_recipe
+
+    source = recipe.train.init_from
+    if source is None:
+        return None
+    folder = Path(source)
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        parent = run_recipe(folder)
+    else:
+        parent = recipe_lib.load(source)
+        folder = parent.output_dir
+        if not (folder / "run.json").is_file():
+            log.info("train.init_from: %s is not trained yet; training it first", parent.name)
+            run(parent)
+    if parent.model.base != recipe.model.base:
+        raise FinetuneError(f"train.init_from: {source} was trained on {parent.model.base}, not {recipe.model.base}; use the same model.base")
+    return folder / "adapter"
+
+
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter; returns the run folder."""
-    from trl import SFTTrainer
+    from peft import PeftModel
+
+    from finetune.data.build import build_preferences
 
     out = recipe.output_dir
+    start_adapter = initial_adapter(recipe)
     prepare_output(out, overwrite)
     started = time.time()
     model, tokenizer = model_lib.load(recipe.model)
-    data = build(recipe, tokenizer)
-    log.info("training rows: %d (%d trained tokens), eval rows: %d, dropped as too long: %d",
-             data.stats["train_rows"], data.stats["trained_tokens"], data.stats["eval_rows"], data.stats["dropped_too_long"])
+    if start_adapter is not None:
+        model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
+        peft_config = None
+    else:
+        peft_config = adapters.peft_config(recipe.adapter)
+    dpo = recipe.train.method == "dpo"
+    data = build_preferences(recipe, tokenizer) if dpo else build(recipe, tokenizer)
+    log.info("training rows: %d, eval rows: %d, dropped as too long: %d",
+             data.stats["train_rows"], data.stats["eval_rows"], data.stats["dropped_too_long"])
     (out / "recipe.yaml").write_text(to_yaml(recipe))
     resume = last_checkpoint(out / "checkpoints")
     trim_metrics(out / "metrics.jsonl", int(resume.name.split("-")[-1]) if resume else 0)
     if resume:
         log.info("resuming from %s", resume)
 
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(recipe, out, data.eval is not None),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=adapters.peft_config(recipe.adapter),
-        callbacks=[MetricsLog(out / "metrics.jsonl", out / "checkpoints")],
-    )
+    callbacks = [MetricsLog(out / "metrics.jsonl", out / "checkpoints")]
+    trainer = (dpo_trainer if dpo else sft_trainer)(recipe, model, tokenizer, data, peft_config, callbacks, out)
     # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
     # so keep trainable weights in the compute dtype.
     dtype = model_lib.compute_dtype(recipe.model)
@@ -176,11 +225,15 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
 
     save_adapter(trainer.model, tokenizer, out / "adapter")
     report.plot_loss(out / "metrics.jsonl", out / "loss.png", title=recipe.name)
+    if dpo:
+        report.plot_rewards(out / "metrics.jsonl", out / "rewards.png", title=recipe.name)
     wall = time.time() - started
     epochs_done = trainer.state.epoch or 0.0
-    trained_tokens = int(data.stats["trained_tokens"] * epochs_done)
+    trained_tokens = int(data.stats["trained_tokens"] * epochs_done) if "trained_tokens" in data.stats else None
     metadata = {
         "recipe": recipe.name,
+        "method": recipe.train.method,
+        "init_from": str(start_adapter) if start_adapter else None,
         "seed": recipe.train.seed,
         "steps": trainer.state.global_step,
         "epochs": epochs_done,
@@ -188,7 +241,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
         "wall_time_s": round(wall, 1),
         "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "tokens_trained": trained_tokens,
-        "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1) if trained_tokens else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": model_lib.device(),
@@ -205,7 +258,8 @@ def save_adapter(peft_model, tokenizer, target: Path) -> None:
     """Save adapter + tokenizer + training chat template into a temp folder, then rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
     try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
+        peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 from finetune.data import formats
@@ -57,24 +60,61 @@ def read_source(section: SourceSection, on_bad_row: str, seed: int) -> tuple[Rea
     return reader, rows, skipped
 
 
-def chat_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
-    """All sources as deduplicated chat rows in a seeded order, with per-source counts."""
+def _mixed(data: DataSection, seed: int, convert) -> tuple[list[dict], dict]:
+    """All sources converted to training rows, deduplicated, in a seeded order, with per-source counts."""
     rows, seen, stats = [], set(), {"sources": [], "duplicates": 0}
     for section in data.sources:
         reader, source_rows, skipped = read_source(section, data.on_bad_row, seed)
         stats["sources"].append({"source": section.path or section.hub, "reader": reader.name, "rows": len(source_rows), "skipped": skipped})
         for row in source_rows:
-            chat = formats.to_sft(row, reader.kind, data.system_prompt)
-            key = json.dumps(chat["messages"], sort_keys=True)
-            if key in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(key)
-            rows.append(chat)
+            for converted in convert(row, reader.kind):
+                key = json.dumps(converted, sort_keys=True)
+                if key in seen:
+                    stats["duplicates"] += 1
+                    continue
+                seen.add(key)
+                rows.append(converted)
     if not rows:
         raise FinetuneError("data: the sources gave no rows; check data.sources[].path, split and limit")
     random.Random(seed).shuffle(rows)
     return rows, stats
+
+
+def chat_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
+    """Chat rows for SFT: {"messages": [...]}."""
+    return _mixed(data, seed, lambda row, kind: [formats.to_sft(row, kind, data.system_prompt)])
+
+
+def preference_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
+    """Preference pairs for DPO: {"prompt", "chosen", "rejected"} message lists."""
+    return _mixed(data, seed, lambda row, kind: formats.to_preferences(row, kind, data.system_prompt))
+
+
+def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    n_eval = max(1, round(len(rows) * fraction)) if fraction else 0
+    if len(rows) - n_eval < 1:
+        raise FinetuneError(f"data.eval_fraction: {fraction} leaves no training rows out of {len(rows)}; lower it")
+    return rows[n_eval:], rows[:n_eval]
+
+
+def build_preferences(recipe: Recipe, tokenizer) -> Built:
+    """Preference pairs as TRL's conversational DPO rows; pairs longer than max_length are dropped and counted."""
+    from datasets import Dataset
+
+    rows, stats = preference_rows(recipe.data, recipe.train.seed)
+
+    def fits(pair: dict) -> bool:
+        longest = max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True)) for side in ("chosen", "rejected"))
+        return longest <= recipe.data.max_length
+
+    kept = [pair for pair in rows if fits(pair)]
+    if not kept:
+        raise FinetuneError(f"data.max_length: all {len(rows)} preference pairs are longer than {recipe.data.max_length} tokens; raise data.max_length")
+    if len(kept) < len(rows):
+        log.warning("dropped %d preference pair(s) longer than data.max_length=%d tokens", len(rows) - len(kept), recipe.data.max_length)
+    train, evaluation = _split(kept, recipe.data.eval_fraction)
+    stats.update(train_rows=len(train), eval_rows=len(evaluation), dropped_too_long=len(rows) - len(kept))
+    return Built(Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, stats)
 
 
 def tokenize(tokenizer, messages: list[dict]) -> dict:
@@ -122,14 +162,9 @@ def build(recipe: Recipe, tokenizer) -> Built:
     from datasets import Dataset, load_from_disk
 
     rows, stats = chat_rows(recipe.data, recipe.train.seed)
-    n_eval = round(len(rows) * recipe.data.eval_fraction)
-    if recipe.data.eval_fraction and n_eval == 0:
-        n_eval = 1
-    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
-    if not train_rows:
-        raise FinetuneError(f"data.eval_fraction: {recipe.data.eval_fraction} leaves no training rows out of {len(rows)}; lower it")
+    train_rows, eval_rows = _split(rows, recipe.data.eval_fraction)
 
-    key = cache_key(tokenizer, recipe, rows) + f"-{n_eval}"
+    key = cache_key(tokenizer, recipe, rows) + f"-{len(eval_rows)}"
     folder = cache_dir() / "tokenized" / key
     if (folder / "stats.json").is_file():
         log.info("tokenized rows from cache %s", folder)
@@ -159,10 +194,6 @@ def build(recipe: Recipe, tokenizer) -> Built:
 
 
 def _save_cache(folder, train, evaluation, token_stats: dict) -> None:
-    import os
-    import shutil
-    import tempfile
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
     try:

@@ -157,6 +157,26 @@ def to_sft(row: dict, kind: str, system_prompt: str | None = None, with_explanat
         messages = list(row["history"]) + [{"role": "user", "content": qa_prompt(row)}, {"role": "assistant", "content": qa_answer(row)}]
     else:
         raise FinetuneError(f"a {kind} row cannot be used for SFT; use a reader that yields sft, mcq or qa rows")
+    return {"messages": _with_system(messages, system_prompt)}
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return {"messages": messages}
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return list(messages)
+
+
+def to_preferences(row: dict, kind: str, system_prompt: str | None = None) -> list[dict]:
+    """Preference pairs for DPO: preference rows as they are; an mcq row gives one pair per distractor,
+    the correct answer (with its explanation) chosen over the distractor's label."""
+    if kind == "preference":
+        return [{"prompt": _with_system(row["prompt"], system_prompt), "chosen": row["chosen"], "rejected": row["rejected"]}]
+    if kind != "mcq":
+        raise FinetuneError(f"train.method dpo needs preference pairs, and a {kind} reader gives none; use a preference reader or a multiple-choice source")
+    prompt = _with_system([{"role": "user", "content": mcq_prompt(row)}], system_prompt)
+    chosen = [{"role": "assistant", "content": mcq_answer(row)}]
+    return [
+        {"prompt": prompt, "chosen": chosen, "rejected": [{"role": "assistant", "content": label}]}
+        for label in row["options"]
+        if label != row["answer"]
+    ]
