@@ -12,6 +12,8 @@ The run folder (train.output_dir):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -187,15 +189,31 @@ def initial_adapter(recipe: Recipe) -> Path | None:
     return folder / "adapter"
 
 
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold out/.lock for the whole run, so a second run into the same folder refuses instead of interleaving."""
+    with (out / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FinetuneError(f"{out}: another run is writing there right now; wait for it or set train.output_dir") from None
+        yield
+
+
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter; returns the run folder."""
+    start_adapter = initial_adapter(recipe)
+    out = recipe.output_dir
+    prepare_output(out, overwrite)
+    with exclusive(out):
+        return _train(recipe, out, start_adapter)
+
+
+def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
     from peft import PeftModel
 
     from finetune.data.build import build_preferences
 
-    out = recipe.output_dir
-    start_adapter = initial_adapter(recipe)
-    prepare_output(out, overwrite)
     started = time.time()
     model, tokenizer = model_lib.load(recipe.model)
     if start_adapter is not None:

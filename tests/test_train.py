@@ -99,3 +99,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir
     for name in first:
         assert torch.allclose(first[name], resumed[name], atol=1e-6), name
     assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
+
+
+def test_a_second_run_into_the_same_folder_refuses(tmp_path, tiny_llama_dir):
+    import fcntl
+
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, max_steps=1)
+    recipe.output_dir.mkdir(parents=True)
+    with (recipe.output_dir / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FinetuneError, match="another run is writing there right now"):
+            train.run(recipe)
+    assert not (recipe.output_dir / "run.json").exists()
