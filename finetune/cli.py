@@ -21,6 +21,8 @@ EPILOG = """examples:
   finetune data preview medical -n 2
   finetune generate runs/medical "Is aspirin an NSAID?"
   finetune chat runs/medical
+  finetune merge runs/medical && finetune export runs/medical --gguf q8_0
+  finetune push runs/medical --repo-id you/medical-smollm2 --dry-run
 """
 
 
@@ -208,6 +210,45 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from finetune import export
+
+    report = export.merge(args.run_dir, args.output, args.target)
+    print(f"merged into {report['output']} (target: {report['target']}): max |Δlogit| vs base+adapter "
+          f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.3f}")
+    for name, figures in (report.get("targets") or {}).items():
+        print(f"  {name:<12} vs the trained nf4 model: max |Δlogit| {figures['max_abs_logit_diff']:.3g}, "
+              f"top-1 agreement {figures['top1_agreement']:.3f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from finetune import export
+
+    path = export.export_gguf(args.run_dir, args.gguf, args.output, verify=not args.no_verify)
+    figures = json.loads((path.parent / "export.json").read_text())["files"][path.name]
+    print(f"wrote {path} and {path.parent / figures['modelfile']}")
+    if "max_abs_logit_diff" in figures:
+        print(f"  read back: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g}, "
+              f"greedy text agreement {figures['greedy_text_agreement']:.2f}, tokenization agreement {figures['tokenization_agreement']:.2f}")
+    print(f"  ollama create NAME -f {path.parent / figures['modelfile']}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from finetune import hub
+
+    result = hub.push(args.run_dir, args.repo_id, "adapter" if args.adapter else "merged", private=not args.public, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"would upload to {result['repo_id']} ({'private' if result['private'] else 'public'}):")
+        for name in result["files"]:
+            print(f"  {name}")
+        print("\n" + result["card"])
+    else:
+        print(f"pushed {len(result['files'])} files to {result['url']}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="finetune",
@@ -247,6 +288,32 @@ def parser() -> argparse.ArgumentParser:
     recipe_args(stats)
     stats.add_argument("-o", "--output", help="write the JSON to this file")
     stats.set_defaults(func=cmd_data_stats)
+
+    merge = commands.add_parser("merge", help="merge a run's adapter into a full-precision base, with a parity check")
+    merge.add_argument("run_dir", help="the run folder")
+    merge.add_argument("-o", "--output", help="where to write the merged model (default RUN_DIR/merged)")
+    merge.add_argument("--target", choices=("auto", "base", "dequantized"), default="auto",
+                       help="QLoRA runs: merge into the original base or the dequantized nf4 weights (default: whichever reproduces the trained model)")
+    merge.set_defaults(func=cmd_merge)
+
+    export = commands.add_parser("export", help="write a GGUF file and an Ollama Modelfile (merging first if needed)")
+    export.add_argument("run_dir", help="a run folder or a merged model folder")
+    export.add_argument("--gguf", choices=("f32", "f16", "q8_0"), default="f16", help="GGUF tensor type (default f16)")
+    export.add_argument("-o", "--output", help="folder for the GGUF and Modelfile (default RUN_DIR/gguf)")
+    export.add_argument("--no-verify", action="store_true", help="skip reading the GGUF back and comparing logits")
+    export.set_defaults(func=cmd_export)
+
+    push = commands.add_parser("push", help="upload the merged model (or the adapter) with a model card to the Hugging Face Hub")
+    push.add_argument("run_dir", help="the run folder")
+    push.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
+    what = push.add_mutually_exclusive_group()
+    what.add_argument("--merged", action="store_true", help="push RUN_DIR/merged (default)")
+    what.add_argument("--adapter", action="store_true", help="push the adapter only")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", action="store_true", help="create the repo private (default)")
+    visibility.add_argument("--public", action="store_true", help="create the repo public")
+    push.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
+    push.set_defaults(func=cmd_push)
 
     for name, helptext, func in (("generate", "answer one prompt with a trained run", cmd_generate), ("chat", "chat with a trained run", cmd_chat)):
         p = commands.add_parser(name, help=helptext)
