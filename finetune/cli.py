@@ -38,9 +38,24 @@ def cmd_run(args) -> int:
     recipe = _recipe(args)
     out = train.run(recipe, overwrite=args.overwrite)
     summary = json.loads((out / "run.json").read_text())
-    print(f"done: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
+    print(f"trained: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
           f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB")
+    if recipe.export.merge:
+        cmd_merge(argparse.Namespace(run_dir=out, output=None, target=recipe.export.merge_target))
+    if recipe.export.gguf:
+        cmd_export(argparse.Namespace(run_dir=out, gguf=recipe.export.gguf, output=None, no_verify=False))
     print(f"try it: finetune generate {out} \"your question\"")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from finetune import evaluate
+
+    result = evaluate.run(args.target, suite=args.suite, n=args.n)
+    print(evaluate.table(result))
+    found = evaluate.regressions(result)
+    if found:
+        print(f"WARNING: the adapter regresses on {', '.join(found)} (95% CI of the delta below 0)", file=sys.stderr)
     return 0
 
 
@@ -267,6 +282,12 @@ def parser() -> argparse.ArgumentParser:
     recipe_args(run)
     run.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
     run.set_defaults(func=cmd_run)
+
+    evaluation = commands.add_parser("eval", help="score base vs base + adapter on an eval suite (evals/NAME.yaml)")
+    evaluation.add_argument("target", help="a finished run folder, or a recipe name/path (scores the base model only)")
+    evaluation.add_argument("--suite", help="suite name in evals/ or a .yaml path (default: the recipe's domain suite)")
+    evaluation.add_argument("-n", type=int, default=None, help="score at most N examples per task")
+    evaluation.set_defaults(func=cmd_eval)
 
     recipes = commands.add_parser("recipes", help="list, show or document recipes").add_subparsers(dest="action", required=True, metavar="ACTION")
     recipes.add_parser("list", help="shipped recipes with their descriptions").set_defaults(func=cmd_recipes_list)

@@ -13,10 +13,22 @@ from finetune.recipe import Recipe, validate
 
 
 def run_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise FinetuneError(f"{run_dir}: not a run folder (no recipe.yaml); give the train.output_dir of a run")
-    return validate(yaml.safe_load(path.read_text()), str(path))
+    """The resolved recipe of a finished run folder; refuses folders that are not finished runs."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"{run_dir}: no such run folder; give the output folder of `finetune run` (train.output_dir)")
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise FinetuneError(f"{run_dir}: not a run folder (no recipe.yaml); give the output folder of `finetune run`")
+    if not (run_dir / "run.json").is_file():
+        raise FinetuneError(f"{run_dir}: the run is incomplete (no run.json); finish or resume it with `finetune run`")
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise FinetuneError(f"{run_dir}/adapter: no adapter_config.json; the run folder is damaged, train again")
+    try:
+        data = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"{recipe_file}: invalid YAML ({str(e).splitlines()[0]}); the run folder is damaged, train again") from None
+    return validate(data, str(recipe_file))
 
 
 def load_run(run_dir: Path):
@@ -26,8 +38,6 @@ def load_run(run_dir: Path):
 
     recipe = run_recipe(run_dir)
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FinetuneError(f"{run_dir}: the run has no finished adapter (adapter/ is missing); finish or resume it with `finetune run`")
     base, _ = model_lib.load(recipe.model, for_training=False)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(base, adapter)

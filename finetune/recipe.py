@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -143,6 +143,14 @@ class DpoSection(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust).")
 
 
+class ExportSection(Section):
+    merge: bool = Field(False, description="After training, merge the adapter into a full-precision base (RUN_DIR/merged) and check logit parity.")
+    merge_target: Literal["auto", "base", "dequantized"] = Field(
+        "auto", description="QLoRA runs: merge into the original base or the dequantized nf4 weights; 'auto' picks the one that reproduces the trained model."
+    )
+    gguf: Literal["f32", "f16", "q8_0"] | None = Field(None, description="After merging, write RUN_DIR/gguf/NAME-TYPE.gguf and an Ollama Modelfile, verified by reading it back.")
+
+
 class Recipe(Section):
     name: str = Field(..., description="Recipe name (defaults to the file name).")
     description: str = Field("", description="One line shown by `finetune recipes list`.")
@@ -150,12 +158,15 @@ class Recipe(Section):
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    export: ExportSection = Field(default_factory=ExportSection, description="What `finetune run` does after training: merge, GGUF.")
     dpo: DpoSection | None = Field(None, description="DPO settings; only with train.method: dpo (defaults apply when omitted).")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.train.eval_steps and not self.data.eval_fraction:
             raise ValueError("train.eval_steps needs held-out rows: set data.eval_fraction above 0 (e.g. 0.1)")
+        if self.export.gguf and not self.export.merge:
+            raise ValueError("export.gguf needs the merged model: set export.merge: true")
         if self.dpo is not None and self.train.method != "dpo":
             raise ValueError("the dpo section is only used with train.method: dpo; remove it or set the method")
         if self.train.method == "dpo" and self.dpo is None:

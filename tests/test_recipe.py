@@ -82,7 +82,7 @@ def test_python_yaml_tags_are_refused(tmp_path):
 
 def test_every_field_has_a_description_and_a_default():
     reference = recipe.schema_reference()
-    for section in (recipe.ModelSection, recipe.AdapterSection, recipe.TrainSection, recipe.DataSection, recipe.SourceSection, recipe.DpoSection):
+    for section in (recipe.ModelSection, recipe.AdapterSection, recipe.TrainSection, recipe.DataSection, recipe.SourceSection, recipe.DpoSection, recipe.ExportSection):
         for name, field in section.model_fields.items():
             assert field.description, f"{section.__name__}.{name} has no description"
             if name not in ("sources",):

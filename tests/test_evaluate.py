@@ -1,0 +1,353 @@
+"""Evaluation that can be trusted: the scores mean what they claim, the suites never score training rows,
+and a run's report has exactly the shape the model card reads."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from finetune import evaluate
+from finetune.data.build import chat_rows
+from finetune.errors import FinetuneError
+from finetune.recipe import PROJECT_ROOT, load as load_recipe, resolve_path
+
+torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs
+
+
+def classification_rows(labels: list[str], options=("yes", "no", "maybe")) -> list[dict]:
+    return [
+        {"id": f"row-{i}", "messages": [{"role": "user", "content": f"Question {i}: is claim {i} supported? Answer with one of: yes, no, maybe."}],
+        "options": list(options), "answer": label}
+        for i, label in enumerate(labels)
+    ]
+
+
+class AlwaysPrefers:
+    """A stand-in causal LM whose next-token distribution always puts most mass on one token."""
+
+    def __init__(self, token_id: int, vocab: int):
+        self.token_id, self.vocab, self.device = token_id, vocab, torch.device("cpu")
+
+    def __call__(self, input_ids, attention_mask, logits_to_keep):
+        logits = torch.zeros(input_ids.shape[0], logits_to_keep, self.vocab)
+        logits[..., self.token_id] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+# ---------------------------------------------------------------- log-likelihood scoring
+
+
+def test_a_model_that_always_answers_the_majority_label_scores_exactly_the_majority_rate(tokenizer):
+    labels = ["yes"] * 7 + ["no"] * 2 + ["maybe"]
+    yes = tokenizer("yes", add_special_tokens=False)["input_ids"]
+    assert len(yes) == 1
+    model = AlwaysPrefers(yes[0], len(tokenizer))
+    scores = evaluate.score_mcq(model, tokenizer, classification_rows(labels), batch_size=4)
+    assert evaluate.mean(scores["accuracy"]) == pytest.approx(0.7)
+    assert evaluate.mean(scores["accuracy_sum"]) == pytest.approx(0.7)
+
+
+def test_choose_normalises_by_option_length_and_breaks_ties_by_order():
+    # (sum, tokens): option 1 is likelier per token, option 0 likelier in sum.
+    scores = [(-3.0, 1), (-4.0, 4)]
+    assert evaluate.choose(scores, normalise=True) == 1
+    assert evaluate.choose(scores, normalise=False) == 0
+    assert evaluate.choose([(-1.0, 1), (-1.0, 1)]) == 0
+
+
+def _reference_logprob(model, prompt: list[int], option: list[int]) -> float:
+    """Log-likelihood of the option by one unpadded forward pass: what the batched scorer must reproduce."""
+    ids = torch.tensor([prompt + option])
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(option))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def test_batched_right_padded_scores_equal_unpadded_forward_passes(tiny_model, tokenizer):
+    rows = classification_rows(["Entailment", "Contradiction", "NotMentioned"], options=("Entailment", "Contradiction", "NotMentioned"))
+    rows[1]["messages"][0]["content"] += " A much longer question that makes this prompt the longest in the batch by far."
+    prompts = [evaluate._encode_prompt(tokenizer, r["messages"]) for r in rows]
+    scores = evaluate.option_logprobs(tiny_model, tokenizer, prompts, [r["options"] for r in rows], batch_size=4)
+    with torch.inference_mode():
+        for prompt, row, option_scores in zip(prompts, rows, scores):
+            for label, (total, count) in zip(row["options"], option_scores):
+                option = tokenizer(label, add_special_tokens=False)["input_ids"]
+                assert count == len(option)
+                assert total == pytest.approx(_reference_logprob(tiny_model, prompt, option), abs=1e-4)
+
+
+def test_shuffling_the_option_order_does_not_change_the_score(tiny_model, tokenizer):
+    """The scorer gives each option a score that depends on the prompt and the option only, not on the
+    position it is fed in (batching, padding). The prompt is held fixed: for classification rows it
+    lists the labels, so changing that text is a different question, not a different scorer."""
+    labels = ["positive", "negative", "neutral"]
+    rows = classification_rows([random.Random(i).choice(labels) for i in range(8)], options=labels)
+    prompts = [evaluate._encode_prompt(tokenizer, r["messages"]) for r in rows]
+    shuffled = [random.Random(100 + i).sample(labels, 3) for i in range(len(rows))]
+    original = evaluate.option_logprobs(tiny_model, tokenizer, prompts, [labels] * len(rows), batch_size=5)
+    permuted = evaluate.option_logprobs(tiny_model, tokenizer, prompts, shuffled, batch_size=3)
+    for order, first, second in zip(shuffled, original, permuted):
+        by_label = dict(zip(order, second))
+        for label, (total, count) in zip(labels, first):
+            assert by_label[label][1] == count
+            assert by_label[label][0] == pytest.approx(total, abs=1e-4)
+        assert labels[evaluate.choose(first)] == order[evaluate.choose(second)]
+
+
+# ---------------------------------------------------------------- text metrics
+
+
+@pytest.mark.parametrize(
+    "prediction, gold",
+    [
+        ("1.2 million", "1,200 thousand"),
+        ("$1,200,000", "1.2 million"),
+        ("The total was 5,185 thousand.", "5185 thousand"),
+        ("48,210", "48,210 thousand"),  # a bare number is read in the gold's (the table's) scale
+        ("(1,234)", "-1234"),
+        ("$(3.2) million", "-3,200 thousand"),
+        ("-15.6%", "-15.61%"),  # within the 0.1% relative tolerance
+        ("-15.61", "-15.61%"),
+        ("12.5 percent", "12.5%"),
+        ("5 bn", "5000 million"),
+    ],
+)
+def test_numeric_match_understands_scale_percent_commas_and_parentheses(prediction, gold):
+    assert evaluate.numeric_match(prediction, gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "prediction, gold",
+    [
+        ("1.3 million", "1,200 thousand"),
+        ("1,234", "-1234"),
+        ("15.61 million", "15.61%"),  # a percentage never equals an amount
+        ("15.61%", "15.61 million"),
+        ("5.8%", "5.75%"),  # outside the tolerance
+        ("2023 was a good year with 1410 thousand", "1410 thousand"),  # the first number is the answer
+        ("no number here", "1410 thousand"),
+    ],
+)
+def test_numeric_match_rejects_wrong_numbers(prediction, gold):
+    assert evaluate.numeric_match(prediction, gold) == 0.0
+
+
+def test_numeric_match_falls_back_to_exact_match_for_spans():
+    assert evaluate.numeric_match("Singapore, Sydney", "Singapore, Sydney") == 1.0
+    assert evaluate.numeric_match("310,000; $9.3 million.", "310,000, $9.3 million") == 1.0
+    assert evaluate.numeric_match("Sydney", "Singapore, Sydney") == 0.0
+
+
+def test_exact_match_and_token_f1():
+    assert evaluate.exact_match("The company held fewer trade shows.", "the company held fewer trade shows") == 1.0
+    assert evaluate.token_f1("fewer trade shows", "the company held fewer trade shows") == pytest.approx(2 * 1 * 0.6 / 1.6)
+    assert evaluate.token_f1("nothing alike", "fewer trade shows") == 0.0
+
+
+# ---------------------------------------------------------------- bootstrap and regressions
+
+
+def test_paired_bootstrap_contains_the_delta_and_is_deterministic_by_seed():
+    rng = random.Random(3)
+    base = [float(rng.random() < 0.5) for _ in range(60)]
+    adapter = [float(rng.random() < 0.7) for _ in range(60)]
+    delta = evaluate.mean(adapter) - evaluate.mean(base)
+    low, high = evaluate.paired_bootstrap(base, adapter, 1000, seed=0)
+    assert low <= delta <= high and low < high
+    assert evaluate.paired_bootstrap(base, adapter, 1000, seed=0) == (low, high)
+    assert evaluate.paired_bootstrap(base, adapter, 1000, seed=1) != (low, high)
+    # Identical per-example differences leave no uncertainty.
+    assert evaluate.paired_bootstrap([0.0] * 5, [1.0] * 5, 200, seed=0) == (1.0, 1.0)
+
+
+def test_a_task_is_a_regression_only_when_its_whole_interval_is_below_zero():
+    result = {"tasks": {"worse": {"regression": True}, "unclear": {"regression": False}}}
+    assert evaluate.regressions(result) == ["worse"]
+    assert evaluate.regressions({"tasks": {}}) == []
+
+
+# ---------------------------------------------------------------- suites
+
+
+def test_every_shipped_suite_loads_and_reads_its_examples_offline():
+    assert set(evaluate.suite_names()) >= {"medical", "legal", "finance"}
+    for name in evaluate.suite_names():
+        suite = evaluate.load_suite(name)
+        for task_name, task in suite.tasks.items():
+            items = evaluate.examples(task, "system", suite.seed)
+            assert items, (name, task_name)
+            assert items[0]["messages"][0] == {"role": "system", "content": "system"}
+            if task.kind == "mcq":
+                assert all(it["answer"] in it["options"] for it in items)
+
+
+def test_suite_defaults_score_the_held_out_samples():
+    sizes = {name: {t: len(evaluate.examples(task, None)) for t, task in evaluate.load_suite(name).tasks.items()} for name in ("medical", "legal", "finance")}
+    assert sizes == {"medical": {"pubmedqa": 10, "medmcqa": 20}, "legal": {"contractnli": 16}, "finance": {"tatqa": 9, "phrasebank": 27}}
+
+
+@pytest.mark.parametrize("recipe_name", [p.stem for p in sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))])
+def test_no_evaluation_example_is_a_training_row_of_the_same_recipe(recipe_name):
+    recipe = load_recipe(recipe_name)
+    try:
+        suite = evaluate.load_suite(evaluate.suite_for(recipe))
+    except FinetuneError:
+        pytest.skip(f"recipe {recipe_name} has no eval suite")
+    missing = [s.path for s in recipe.data.sources if s.path and not resolve_path(s.path).exists()]
+    if missing:
+        pytest.skip(f"training data {missing[0]} is absent")
+    rows, _ = chat_rows(recipe.data, recipe.train.seed)
+    trained = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
+    for name, task in suite.tasks.items():
+        for item in evaluate.examples(task, recipe.data.system_prompt, suite.seed):
+            assert item["messages"][-1]["content"] not in trained, (recipe_name, name, item["id"])
+
+
+def test_few_shot_demonstrations_are_earlier_turns_and_never_a_scored_row():
+    suite = evaluate.load_suite("finance")
+    task = suite.tasks["phrasebank"]
+    items = evaluate.examples(task, "sys", suite.seed)
+    scored = {it["messages"][-1]["content"] for it in items}
+    first = items[0]["messages"]
+    assert [m["role"] for m in first] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    demos = [m["content"] for m in first[1:-1:2]]
+    assert not scored & set(demos)
+    # The demonstrations answer with the bare label, the way the options are scored.
+    assert {m["content"] for m in first[2:-1:2]} <= {"positive", "negative", "neutral"}
+
+
+def write_suite(folder: Path, tasks: dict, **top) -> Path:
+    path = folder / "mine.yaml"
+    path.write_text(yaml.safe_dump({"tasks": tasks, **top}))
+    return path
+
+
+def test_suite_errors_name_the_file_the_key_and_the_fix(tmp_path):
+    with pytest.raises(FinetuneError, match=r"--suite nosuch: no such eval suite; known: .*medical"):
+        evaluate.load_suite("nosuch")
+    task = {"reader": "pubmedqa", "path": "datasets/medical/pubmedqa/ori_pqal.json", "split": "test"}
+    with pytest.raises(FinetuneError, match=r"mine.yaml: tasks.t.shot: unknown key \(did you mean 'shots'\?\)"):
+        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "shot": 2}})))
+    with pytest.raises(FinetuneError, match=r"mine.yaml: tasks.t.reader: unknown reader 'pubmedq' \(did you mean 'pubmedqa'\?\)"):
+        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "pubmedq"}})))
+    with pytest.raises(FinetuneError, match=r"metric 'f1' does not apply to mcq rows; use one of accuracy, accuracy_sum"):
+        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "metric": "f1"}})))
+    with pytest.raises(FinetuneError, match=r"shots > 0 needs shots_from"):
+        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 2}})))
+    with pytest.raises(FinetuneError, match=r"reader 'messages' yields sft rows; a task needs mcq or qa rows"):
+        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "messages"}})))
+    empty = tmp_path / "empty_tatqa.json"
+    empty.write_text("[]")
+    suite = evaluate.load_suite(str(write_suite(tmp_path, {"t": {"reader": "tatqa", "path": str(empty)}})))
+    with pytest.raises(FinetuneError, match=r"empty_tatqa.json, split train\): no rows; check the path and split"):
+        evaluate.examples(suite.tasks["t"], None)
+
+
+def test_a_recipe_finds_the_suite_of_its_domain():
+    assert evaluate.suite_for(load_recipe("medical")) == "medical"
+    assert evaluate.suite_for(load_recipe("llama-3.1-8b-legal-qlora")) == "legal"
+    recipe = load_recipe("medical", ["name=unrelated"])
+    with pytest.raises(FinetuneError, match=r"recipe unrelated: no eval suite evals/unrelated.yaml; pass --suite NAME"):
+        evaluate.suite_for(recipe)
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+TASK_KEYS = {"n", "metric", "kind", "shots", "base", "adapter", "delta", "ci95", "regression", "metrics", "seconds", "seconds_per_example"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_llama_dir):
+    from test_train import tiny_recipe
+
+    from finetune import train
+
+    folder = tmp_path_factory.mktemp("eval-run")
+    out = train.run(tiny_recipe(folder, tiny_llama_dir, max_steps=2, save_steps=50))
+    suite = write_suite(folder, {
+        "sentiment": {"reader": "phrasebank", "path": "datasets/finance/phrasebank_sample.txt", "n": 6},
+        "tables": {"reader": "tatqa", "path": "datasets/finance/tat-qa/tatqa_sample_test.json", "n": 3, "max_new_tokens": 4},
+    }, bootstrap=200)
+    return out, suite
+
+
+def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
+    out, suite = tiny_run
+    result = evaluate.run(out, suite=str(suite))
+    written = json.loads((out / "eval.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["suite"] == "mine"
+    assert set(written["tasks"]) == {"sentiment", "tables"}
+    for name, task in written["tasks"].items():
+        assert set(task) == TASK_KEYS | ({"examples"} if name == "tables" else set())
+        assert task["n"] == {"sentiment": 6, "tables": 3}[name]
+        assert task["metric"] == {"sentiment": "accuracy", "tables": "numeric_match"}[name]
+        assert 0.0 <= task["base"] <= 1.0 and 0.0 <= task["adapter"] <= 1.0
+        assert task["delta"] == pytest.approx(task["adapter"] - task["base"])
+        low, high = task["ci95"]
+        assert low <= task["delta"] <= high
+        assert task["regression"] == (high < 0)
+    assert set(written["tasks"]["tables"]["examples"][0]) == {"id", "answer", "base", "adapter"}
+    md = (out / "eval.md").read_text()
+    assert "| task | metric | n | base | adapter | delta | 95% CI of delta |" in md
+    assert "| sentiment | accuracy | 6 |" in md and "| tables | numeric_match | 3 |" in md
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # n caps every task, on the same examples for base and adapter.
+    capped = evaluate.run(out, suite=str(suite), n=2)
+    assert {t["n"] for t in capped["tasks"].values()} == {2}
+
+
+def test_a_merged_folder_is_scored_too_and_matches_the_adapter(tiny_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.inference import run_recipe
+
+    out, suite = tiny_run
+    base = AutoModelForCausalLM.from_pretrained(run_recipe(out).model.base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    AutoTokenizer.from_pretrained(out / "adapter").save_pretrained(out / "merged")
+    try:
+        result = evaluate.run(out, suite=str(suite))
+    finally:
+        import shutil
+
+        shutil.rmtree(out / "merged")
+    for task in result["tasks"].values():
+        assert task["merged"] == pytest.approx(task["adapter"])
+    assert "| adapter | merged | delta |" in evaluate.table(result).splitlines()[0]
+
+
+def test_regressions_are_marked_in_the_table():
+    task = {"n": 10, "metric": "accuracy", "base": 0.8, "adapter": 0.2, "delta": -0.6, "ci95": [-0.9, -0.3], "regression": True}
+    result = {"suite": "s", "target": "t", "bootstrap": {"resamples": 1000, "seed": 0}, "tasks": {"pubmedqa": task}}
+    assert "**REGRESSION**" in evaluate.table(result)
+    assert "Warning: the adapter regresses on pubmedqa" in evaluate.markdown(result)
+
+
+@pytest.mark.slow
+def test_the_medical_suite_runs_on_the_embedded_base_through_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = evaluate.run("medical")
+    tasks = result["tasks"]
+    assert result["suite"] == "medical" and set(tasks) == {"pubmedqa", "medmcqa"}
+    assert tasks["pubmedqa"]["n"] == 10 and tasks["medmcqa"]["n"] == 20
+    for task in tasks.values():
+        assert 0.0 <= task["base"] <= 1.0 and task["adapter"] is None and task["ci95"] is None
+    written = json.loads((tmp_path / "runs" / "medical" / "base-eval" / "eval.json").read_text())
+    assert written["tasks"]["pubmedqa"]["base"] == tasks["pubmedqa"]["base"]

@@ -1,0 +1,252 @@
+"""Merge parity (LoRA, DoRA, QLoRA targets), atomic output, GGUF round trip and the Ollama Modelfile."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from run_dirs import make_run
+
+from finetune import export
+from finetune.errors import FinetuneError
+
+
+def reference_logits(run_dir, merged_dir):
+    """Base + adapter computed independently of export.merge, and the saved merged model, on the same prompts."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, run_dir / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        return with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_merge_matches_base_plus_adapter(tmp_path, tiny_llama_dir, adapter):
+    run = make_run(tmp_path / "run", tiny_llama_dir, adapter)
+    report = export.merge(run)
+    merged_dir = run / "merged"
+    assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0
+    assert json.loads((merged_dir / "merge.json").read_text()) == report
+    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "merge.json"}
+    assert {p.name for p in merged_dir.iterdir()} == expected
+    # The training template, never the base model's.
+    assert (merged_dir / "chat_template.jinja").read_text() == (run / "adapter" / "chat_template.jinja").read_text()
+    generation = json.loads((merged_dir / "generation_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert generation["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.eos_token_id in (generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]])
+    unmerged, merged = reference_logits(run, merged_dir)
+    assert (unmerged - merged).abs().max() < 1e-4
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_qlora_dequantized_target_reproduces_the_trained_model(tmp_path, tiny_llama_dir):
+    run = make_run(tmp_path / "run", tiny_llama_dir, quantization="nf4")
+    report = export.merge(run)
+    base, dequantized = report["targets"]["base"]["vs_trained"], report["targets"]["dequantized"]["vs_trained"]
+    assert dequantized["max_abs_logit_diff"] < 1e-4
+    assert dequantized["max_abs_logit_diff"] * 100 < base["max_abs_logit_diff"]
+    assert dequantized["top1_agreement"] == 1.0 >= base["top1_agreement"]
+    assert report["target"] == "dequantized"
+    assert report["max_abs_logit_diff"] < 1e-4  # the written model against its own base + adapter
+    assert json.loads((run / "merged" / "merge.json").read_text())["targets"] == report["targets"]
+    assert "quantization_config" not in json.loads((run / "merged" / "config.json").read_text())
+
+    chosen = export.merge(run, output=tmp_path / "base-target", target="base")
+    assert chosen["target"] == "base" and (tmp_path / "base-target" / "model.safetensors").is_file()
+
+
+def test_merge_refusals(tmp_path, tiny_llama_dir):
+    run = make_run(tmp_path / "run", tiny_llama_dir)
+    with pytest.raises(FinetuneError, match="not trained on an nf4 base"):
+        export.merge(run, target="dequantized")
+    with pytest.raises(FinetuneError, match="expected auto, base or dequantized"):
+        export.merge(run, target="best")
+    foreign = tmp_path / "somebody-elses"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FinetuneError, match="not an earlier output"):
+        export.merge(run, output=foreign)
+    (run / "run.json").unlink()
+    with pytest.raises(FinetuneError, match="incomplete"):
+        export.merge(run)
+
+
+def test_a_failed_merge_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
+    run = make_run(tmp_path / "run", tiny_llama_dir)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process was stopped after the weights were written
+
+    from transformers import PreTrainedTokenizerBase
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.merge(run)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "recipe.yaml", "run.json"]
+    monkeypatch.undo()
+
+    # What a killed merge leaves is a hidden folder, cleared by the next merge; the parity check failing
+    # also writes nothing, and an earlier good merge stays as it was.
+    (run / ".merged.partial-killed").mkdir()
+    export.merge(run)
+    assert not (run / ".merged.partial-killed").exists()
+    before = (run / "merged" / "merge.json").read_text()
+    monkeypatch.setitem(export.MERGE_THRESHOLDS, torch.float32, -1.0)
+    with pytest.raises(FinetuneError, match="nothing was written"):
+        export.merge(run)
+    assert (run / "merged" / "merge.json").read_text() == before
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "merged", "recipe.yaml", "run.json"]
+
+
+@pytest.fixture(scope="module")
+def merged_run(tmp_path_factory, tiny_llama_dir):
+    run = make_run(tmp_path_factory.mktemp("gguf") / "run", tiny_llama_dir, data={"system_prompt": "Answer briefly."})
+    export.merge(run)
+    return run
+
+
+def read_gguf(path):
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items() if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    return reader, fields
+
+
+@pytest.mark.parametrize("outtype, limit", [("f32", 1e-5), ("f16", 0.05)])
+def test_gguf_round_trip(merged_run, outtype, limit):
+    path = export.export_gguf(merged_run, outtype)
+    assert path == merged_run / "gguf" / f"tiny-{outtype}.gguf"
+    reader, fields = read_gguf(path)
+    names = [t.name for t in reader.tensors]
+    assert len(names) == 2 + 2 * 9  # token_embd, output_norm, 9 per block
+    assert "output.weight" not in names  # tied to token_embd
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.context_length"] == 2048
+    assert fields["llama.attention.head_count_kv"] == 2
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    training_template = (merged_run / "adapter" / "chat_template.jinja").read_text()
+    assert fields["tokenizer.chat_template"] == export.gguf_chat_template(training_template)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_run / "merged")
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.attn_q.weight"] == outtype.upper()
+
+    figures = json.loads((merged_run / "gguf" / "export.json").read_text())["files"][path.name]
+    assert figures["max_abs_logit_diff"] < limit
+    assert figures["greedy_text_agreement"] == 1.0 and figures["tokenization_agreement"] == 1.0
+    assert (merged_run / "gguf" / f"tiny-{outtype}.Modelfile").read_text().startswith(f"FROM ./tiny-{outtype}.gguf\n")
+
+
+def test_gguf_q8_0_quantizes_matrices_only(merged_run):
+    path = export.export_gguf(merged_run / "merged", "q8_0", output=merged_run / "q8", verify=False)
+    reader, fields = read_gguf(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["output_norm.weight"] == "F32"
+    assert fields["general.file_type"] == 7  # MOSTLY_Q8_0
+
+
+def test_gguf_refusals(merged_run, tmp_path):
+    with pytest.raises(FinetuneError, match="expected one of f32, f16, q8_0"):
+        export.export_gguf(merged_run, "q4_k")
+    with pytest.raises(FinetuneError, match="neither a run folder"):
+        export.export_gguf(tmp_path, "f16")
+
+
+CHATML_MODELFILE = '''FROM ./m-f16.gguf
+
+TEMPLATE """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+<|im_start|>{{ .Role }}
+{{ .Content }}
+{{- if or (ne .Role "assistant") (not $last) }}<|im_end|>
+{{ end }}
+{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+SYSTEM """Answer briefly."""
+
+PARAMETER stop "<|im_end|>"
+PARAMETER stop "<|im_start|>"
+PARAMETER num_ctx 8192
+'''
+
+
+def test_modelfile_follows_the_training_template_family():
+    from finetune.model import TEMPLATES
+
+    chatml = (TEMPLATES / "chatml.jinja").read_text()
+    assert export.modelfile_text("m-f16.gguf", chatml, "Answer briefly.", 32768) == CHATML_MODELFILE
+    llama3 = export.modelfile_text("m.gguf", "{{ '<|start_header_id|>' }}", None, 4096)
+    assert "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}" in llama3
+    assert 'PARAMETER stop "<|eot_id|>"' in llama3 and "SYSTEM" not in llama3 and "num_ctx 4096" in llama3
+    other = export.modelfile_text("m.gguf", "{{ messages }}", None, 4096)
+    assert "TEMPLATE" not in other and other.startswith("FROM ./m.gguf\n")
+
+
+def test_gguf_template_renders_like_the_training_template(tokenizer):
+    """The GGUF gets the template without {% generation %} tags (only transformers knows them); output must not change."""
+    training = tokenizer.chat_template
+    plain = export.gguf_chat_template(training)
+    assert not re.search(r"\{%-?\s*(end)?generation", plain)
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "bye"}],
+    ]
+    for messages in conversations:
+        for prompt in (True, False):
+            ours = tokenizer.apply_chat_template(messages, chat_template=plain, tokenize=False, add_generation_prompt=prompt)
+            assert ours == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
+@pytest.mark.slow
+def test_embedded_model_merge_and_gguf(tmp_path):
+    run = make_run(tmp_path / "run", "embedded")
+    report = export.merge(run)
+    assert report["max_abs_logit_diff"] < 1e-3
+    path = export.export_gguf(run, "f16")
+    figures = json.loads((run / "gguf" / "export.json").read_text())["files"][path.name]
+    assert figures["max_abs_logit_diff"] < 0.5 and figures["top1_agreement"] > 0.95
+    assert figures["greedy_text_agreement"] >= 0.75 and figures["tokenization_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("verify", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_gguf_llama3_style_tokenizer(tmp_path, tiny_llama_dir, verify):
+    import gguf
+    from run_dirs import llama3_style_base
+
+    base = llama3_style_base(tmp_path / "base", tiny_llama_dir)
+    run = make_run(tmp_path / "run", base, model={"chat_template": "llama3"})
+    export.merge(run)
+    path = export.export_gguf(run, "f32", verify=verify)
+    reader, fields = read_gguf(path)
+    assert fields["tokenizer.ggml.pre"] == "llama-bpe"
+    assert fields["tokenizer.ggml.add_bos_token"] is True  # llama.cpp adds BOS, so the Modelfile template must not
+    assert "output.weight" in [t.name for t in reader.tensors]  # untied lm_head is kept
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    token_types = reader.fields["tokenizer.ggml.token_type"].contents()
+    eot = tokens.index("<|eot_id|>")
+    assert fields["tokenizer.ggml.eos_token_id"] == eot and token_types[eot] == gguf.TokenType.CONTROL
+    assert tokens[-1] == f"[PAD{len(tokens) - 1}]" and token_types[-1] == gguf.TokenType.UNUSED
+    modelfile = (run / "gguf" / "tiny-f32.Modelfile").read_text()
+    assert 'PARAMETER stop "<|eot_id|>"' in modelfile and "<|begin_of_text|>" not in modelfile
+    if verify:
+        figures = json.loads((run / "gguf" / "export.json").read_text())["files"][path.name]
+        assert figures["max_abs_logit_diff"] < 1e-5 and figures["tokenization_agreement"] == 1.0
