@@ -36,6 +36,7 @@ def cmd_run(args) -> int:
     from finetune import train
 
     recipe = _recipe(args)
+    suite = _run_suite(recipe)
     out = train.run(recipe, overwrite=args.overwrite)
     summary = json.loads((out / "run.json").read_text())
     print(f"trained: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
@@ -45,7 +46,25 @@ def cmd_run(args) -> int:
     if recipe.export.gguf:
         cmd_export(argparse.Namespace(run_dir=out, gguf=recipe.export.gguf, output=None, no_verify=False))
     print(f"try it: finetune generate {out} \"your question\"")
+    if suite:
+        # Last, so a regression is the final thing the user sees.
+        cmd_eval(argparse.Namespace(target=out, suite=suite, n=recipe.eval.n))
     return 0
+
+
+def _run_suite(recipe) -> str | None:
+    """The eval suite `finetune run` ends with, or None when the recipe asks for none (or 'auto' finds none)."""
+    from finetune import evaluate
+
+    if recipe.eval.suite != "auto":
+        if recipe.eval.suite is not None:
+            evaluate.load_suite(recipe.eval.suite)  # a wrong name fails now, not after training
+        return recipe.eval.suite
+    try:
+        return evaluate.suite_for(recipe)
+    except FinetuneError:
+        log.info("no eval suite for recipe %s; skipping evaluation (set eval.suite to choose one)", recipe.name)
+        return None
 
 
 def cmd_eval(args) -> int:

@@ -143,6 +143,15 @@ class DpoSection(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust).")
 
 
+class EvalSection(Section):
+    suite: str | None = Field(
+        "auto",
+        description="Suite scored after training, base vs adapter: 'auto' (evals/NAME.yaml, or the suite named by a "
+        "word of the recipe name; skipped when there is none), a suite name or .yaml path, or null to skip.",
+    )
+    n: int | None = Field(None, gt=0, description="Score at most this many examples per task (default: the suite's own n).")
+
+
 class ExportSection(Section):
     merge: bool = Field(False, description="After training, merge the adapter into a full-precision base (RUN_DIR/merged) and check logit parity.")
     merge_target: Literal["auto", "base", "dequantized"] = Field(
@@ -158,6 +167,7 @@ class Recipe(Section):
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection, description="What `finetune run` scores after training.")
     export: ExportSection = Field(default_factory=ExportSection, description="What `finetune run` does after training: merge, GGUF.")
     dpo: DpoSection | None = Field(None, description="DPO settings; only with train.method: dpo (defaults apply when omitted).")
 

@@ -191,7 +191,11 @@ def initial_adapter(recipe: Recipe) -> Path | None:
 
 @contextlib.contextmanager
 def exclusive(out: Path):
-    """Hold out/.lock for the whole run, so a second run into the same folder refuses instead of interleaving."""
+    """Hold out/.lock for the whole run, so a second run into the same folder refuses instead of interleaving.
+    Under torchrun / accelerate only rank 0 takes it: the other ranks are the same run."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     with (out / ".lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -82,7 +82,7 @@ def test_python_yaml_tags_are_refused(tmp_path):
 
 def test_every_field_has_a_description_and_a_default():
     reference = recipe.schema_reference()
-    for section in (recipe.ModelSection, recipe.AdapterSection, recipe.TrainSection, recipe.DataSection, recipe.SourceSection, recipe.DpoSection, recipe.ExportSection):
+    for section in (recipe.ModelSection, recipe.AdapterSection, recipe.TrainSection, recipe.DataSection, recipe.SourceSection, recipe.DpoSection, recipe.ExportSection, recipe.EvalSection):
         for name, field in section.model_fields.items():
             assert field.description, f"{section.__name__}.{name} has no description"
             if name not in ("sources",):
@@ -108,3 +108,8 @@ def test_cli_bad_recipe_is_one_line_and_exit_2(capsys):
     assert main(["run", "medical", "train.epochs=-1"]) == 2
     err = capsys.readouterr().err
     assert err == "error: recipes/medical.yaml: train.epochs: Input should be greater than 0, got -1\n"
+
+
+def test_readme_recipe_reference_matches_the_schema():
+    readme = (PROJECT / "README.md").read_text()
+    assert "```\n" + recipe.schema_reference() + "\n```" in readme, "README's recipe reference is stale: paste `finetune recipes schema`"
