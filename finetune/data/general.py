@@ -171,7 +171,7 @@ for _reader in (
     readers.Reader(
         name="sharegpt",
         kind="sft",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=sharegpt_convert,
         description="ShareGPT conversations: {conversations: [{from: human|gpt|system, value}]}.",
         card="formats.md",
@@ -179,7 +179,7 @@ for _reader in (
     readers.Reader(
         name="alpaca",
         kind="sft",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=alpaca_convert,
         description="Alpaca instructions: {instruction, input (optional), output}; also medical instruction sets in this layout.",
         card="formats.md",
@@ -187,7 +187,7 @@ for _reader in (
     readers.Reader(
         name="prompt_completion",
         kind="sft",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=prompt_completion_convert,
         description="{prompt, completion} strings -> one user turn and one assistant turn.",
         card="formats.md",
@@ -204,7 +204,7 @@ for _reader in (
     readers.Reader(
         name="mcq_jsonl",
         kind="mcq",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=mcq_convert,
         description="Multiple choice: {question, options ({label: text} or a list), answer (label or index), context?, explanation?}.",
         card="formats.md",
@@ -212,7 +212,7 @@ for _reader in (
     readers.Reader(
         name="preference",
         kind="preference",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=preference_convert,
         description="DPO pairs as plain strings: {prompt, chosen, rejected}.",
         card="formats.md",
@@ -220,7 +220,7 @@ for _reader in (
     readers.Reader(
         name="preference_messages",
         kind="preference",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=preference_messages_convert,
         description="DPO pairs as message lists: {prompt, chosen, rejected}, or chosen/rejected whole conversations (implicit prompt).",
         card="formats.md",
@@ -228,7 +228,7 @@ for _reader in (
     readers.Reader(
         name="hh_rlhf",
         kind="preference",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=hh_rlhf_convert,
         description="Anthropic HH-RLHF transcripts {chosen, rejected} split at the last Assistant turn into prompt / chosen / rejected.",
         card="preference/hh-rlhf.md",

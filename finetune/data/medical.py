@@ -90,7 +90,7 @@ readers.register(
     readers.Reader(
         name="medmcqa",
         kind="mcq",
-        records=readers._default_records,
+        records=readers.default_records,
         convert=medmcqa_convert,
         description="MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, realidx; "
         "explanation when present) -> 4-option multiple choice.",

@@ -49,7 +49,7 @@ class Reader:
     version: int = 1
 
 
-def _default_records(source: Source) -> Iterator[tuple[str, dict]]:
+def default_records(source: Source) -> Iterator[tuple[str, dict]]:
     yield from source.records()
 
 
@@ -69,7 +69,7 @@ register(
     Reader(
         name="messages",
         kind="sft",
-        records=_default_records,
+        records=default_records,
         convert=_messages,
         description="Chat rows: {messages: [{role, content}, ...]} in JSONL, JSON, parquet or a Hub data set.",
         card="formats.md",
