@@ -71,11 +71,19 @@ def versions() -> dict:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was saved completely (trainer_state.json is written after the weights)."""
+    """The newest checkpoint that was saved completely: transformers writes trainer_state.json after the
+    weights, optimizer, scheduler and RNG state, so a readable one marks a finished save."""
     if not folder.is_dir():
         return None
-    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    steps = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit())
+    for _, checkpoint in reversed(steps):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("ignoring incomplete checkpoint %s", checkpoint)
+            continue
+        return checkpoint
+    return None
 
 
 def trim_metrics(path: Path, step: int) -> None:
