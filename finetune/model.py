@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+from safetensors import SafetensorError
 
 from finetune.errors import FinetuneError
 from finetune.recipe import ModelSection, resolve_path
@@ -77,6 +79,8 @@ def convert_gguf(path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_architecture(path)
+
     log.info("converting %s to safetensors in %s (once)", path.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -101,6 +105,45 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
+def _check_gguf_architecture(path: Path) -> None:
+    """Refuse non-Llama GGUF files by their header: transformers would load some (GPT-2, Qwen) that the
+    toolkit's templates, merge and export do not handle, and fail on others with a bare KeyError."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+    except (ValueError, OSError) as e:
+        raise FinetuneError(f"model.base: {path}: not a readable GGUF file ({e}); check the path or download it again") from None
+    architecture = field.contents() if field is not None else None
+    if architecture != "llama":
+        raise FinetuneError(f"model.base: {path}: GGUF architecture {architecture!r} is not supported; only Llama-architecture GGUF files (general.architecture = llama) can be used")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_local_folder(folder: Path, section: ModelSection) -> None:
+    """What transformers would otherwise report as a missing Hub file (or an interactive prompt, for remote code)."""
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise FinetuneError(
+                f"model.base: {section.base}: only pickled weights ({', '.join(pickles)}), which can run code when loaded, "
+                "so they are refused; convert the folder to safetensors (load it once where you trust it, then save_pretrained(..., safe_serialization=True))"
+            )
+        raise FinetuneError(f"model.base: {section.base}: no .safetensors weights in the folder; point at a complete Hugging Face model folder")
+    if not section.trust_remote_code:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FinetuneError(f"model.base: {section.base}: config.json is not valid JSON ({e}); re-download the model") from None
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise FinetuneError(
+                f"model.base: {section.base}: the model needs its own Python code (config.json has auto_map); "
+                "set model.trust_remote_code=true only if you trust its author"
+            )
+
+
 def resolve(section: ModelSection) -> tuple[str, dict]:
     """Return what to pass to from_pretrained (a folder or Hub id) and the Hub kwargs."""
     base = section.base
@@ -114,6 +157,7 @@ def resolve(section: ModelSection) -> tuple[str, dict]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FinetuneError(f"model.base: {base}: folder has no config.json; point at a Hugging Face model folder")
+        _check_local_folder(path, section)
         return str(path), {}
     looks_local = base.startswith((".", "/", "~")) or base.count("/") != 1
     if looks_local:
@@ -121,7 +165,10 @@ def resolve(section: ModelSection) -> tuple[str, dict]:
     return base, {"revision": section.revision}
 
 
-def _hub_error(base: str, error: Exception) -> FinetuneError:
+def _hub_error(base: str, error: Exception, source: str | None = None) -> FinetuneError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if source is not None and Path(source).is_dir():  # a local folder: the Hub was never asked
+        return FinetuneError(f"model.base: {base}: cannot load ({first})")
     offline = isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or "couldn't connect" in str(error)
     if offline or os.environ.get("HF_HUB_OFFLINE") == "1":
         return FinetuneError(
@@ -130,7 +177,6 @@ def _hub_error(base: str, error: Exception) -> FinetuneError:
         )
     if isinstance(error, RepositoryNotFoundError):
         return FinetuneError(f"model.base: {base}: no such model on the Hub (or it is gated: run `hf auth login`)")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return FinetuneError(f"model.base: {base}: cannot load ({first})")
 
 
@@ -139,8 +185,11 @@ def quantization_config(section: ModelSection):
         return None
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise FinetuneError(f"model.quantization: {section.quantization} needs bitsandbytes; pip install bitsandbytes, or set model.quantization=none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # an install without a usable backend fails in its own ways, not only ImportError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"model.quantization: {section.quantization} needs bitsandbytes, which cannot be loaded here ({first}); pip install bitsandbytes, or set model.quantization=none") from None
     if section.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     dtype = compute_dtype(section)
@@ -159,7 +208,7 @@ def load_tokenizer(source: str, section: ModelSection, hub_kwargs: dict | None =
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=section.trust_remote_code, **(hub_kwargs or {}))
     except (OSError, ValueError, HFValidationError) as e:
-        raise _hub_error(section.base, e) from None
+        raise _hub_error(section.base, e, source) from None
     ensure_pad_token(tokenizer)
     tokenizer.chat_template = training_chat_template(tokenizer, section.chat_template)
     return tokenizer
@@ -240,8 +289,10 @@ def load(section: ModelSection, for_training: bool = True):
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as e:
         raise FinetuneError(f"model: {e}".splitlines()[0]) from None
+    except SafetensorError as e:
+        raise FinetuneError(f"model.base: {section.base}: the safetensors weights are damaged ({e}); download or save them again") from None
     except (OSError, ValueError, HFValidationError) as e:
-        raise _hub_error(section.base, e) from None
+        raise _hub_error(section.base, e, source) from None
     if quant is None and device() == "cuda":
         model.to("cuda")
     model.config.pad_token_id = tokenizer.pad_token_id

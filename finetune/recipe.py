@@ -179,6 +179,17 @@ class Recipe(Section):
             raise ValueError("export.gguf needs the merged model: set export.merge: true")
         if self.dpo is not None and self.train.method != "dpo":
             raise ValueError("the dpo section is only used with train.method: dpo; remove it or set the method")
+        if self.train.method == "dpo":
+            # Caught here, not when the data is built: by then the model is loaded and the run folder made.
+            from finetune.data.readers import READERS
+
+            for index, source in enumerate(self.data.sources):
+                kind = READERS[source.reader].kind
+                if kind not in ("preference", "mcq"):
+                    raise ValueError(
+                        f"train.method dpo needs preference pairs, and data.sources.{index} (reader {source.reader}) gives {kind} rows; "
+                        "use a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
+                    )
         if self.train.method == "dpo" and self.dpo is None:
             self.dpo = DpoSection()
         return self
@@ -250,7 +261,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
-        raise FinetuneError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+        raise FinetuneError(f"{path}: 'extends' forms a cycle: {' -> '.join(_shown(p) for p in (*seen, path))}")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -268,7 +279,11 @@ def apply_overrides(data: dict, overrides: list[str], origin: str) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise FinetuneError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=50")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise FinetuneError(f"override {item!r}: invalid YAML value: {problem}; quote it if it is plain text") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -290,8 +305,13 @@ def _field_names(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def _location(error: dict) -> tuple:
+    # pydantic names union branches in the location (adapter.target_modules.list[str]); field names never hold '['.
+    return tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
+
+
 def _describe(error: dict) -> str:
-    loc = error["loc"]
+    loc = _location(error)
     where = ".".join(str(p) for p in loc) or "recipe"
     kind = error["type"]
     got = error.get("input")
@@ -325,7 +345,8 @@ def validate(data: dict, origin: str) -> Recipe:
         errors = e.errors()
         # A union (list | 'all-linear') reports one error per branch; the first names the field well enough.
         first = _describe(errors[0])
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        others = len({_location(error) for error in errors}) - 1
+        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
         raise FinetuneError(f"{origin}: {first}{more}") from None
 
 

@@ -216,9 +216,17 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter; returns the run folder."""
     start_adapter = initial_adapter(recipe)
     out = recipe.output_dir
+    fresh = not out.exists()
     prepare_output(out, overwrite)
-    with exclusive(out):
-        return _train(recipe, out, start_adapter)
+    try:
+        with exclusive(out):
+            return _train(recipe, out, start_adapter)
+    except BaseException:
+        # A run that failed before its first logged step (bad model, bad data) leaves no folder behind;
+        # one that trained keeps its metrics and checkpoints to resume from.
+        if fresh and not (out / "metrics.jsonl").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:

@@ -27,6 +27,17 @@ def test_medical_recipe_trains_and_answers(tmp_path):
         assert (out / name).is_file(), name
     meta = json.loads((out / "run.json").read_text())
     assert meta["steps"] == 4 and meta["data"]["train_rows"] == 30
+    # The recipe goes on: eval suite (base vs adapter), merge with parity check, GGUF + Modelfile.
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation["tasks"]) == {"pubmedqa", "medmcqa"}
+    assert evaluation["tasks"]["pubmedqa"]["n"] == 10
+    assert "| pubmedqa |" in done.stdout or "pubmedqa" in done.stdout
+    merge = json.loads((out / "merged" / "merge.json").read_text())
+    assert merge["max_abs_logit_diff"] < 1e-3
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "chat_template.jinja").is_file()
+    export = json.loads((out / "gguf" / "export.json").read_text())["files"]["medical-f16.gguf"]
+    assert export["greedy_text_agreement"] == 1.0 and export["max_abs_logit_diff"] < 0.5
+    assert (out / "gguf" / "medical-f16.Modelfile").read_text().startswith("FROM ./medical-f16.gguf")
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
 

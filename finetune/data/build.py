@@ -9,6 +9,7 @@ the reader versions and the rows themselves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from finetune.data import formats
+from finetune.data import formats, sources
 from finetune.data.readers import READERS, Reader, Source
 from finetune.errors import FinetuneError
 from finetune.model import cache_dir
@@ -46,13 +47,15 @@ def read_source(section: SourceSection, on_bad_row: str, seed: int) -> tuple[Rea
     source = source_of(section)
     check = formats.CHECKS[reader.kind]
     rows, skipped = [], 0
-    for where, record in reader.records(source):
-        try:
-            rows.append(check(reader.convert(record, where, source), where))
-        except FinetuneError:
-            if on_bad_row == "error":
-                raise
-            skipped += 1
+    with sources.skipping_bad_lines() if on_bad_row == "skip" else contextlib.nullcontext([]) as bad_lines:
+        for where, record in reader.records(source):
+            try:
+                rows.append(check(reader.convert(record, where, source), where))
+            except FinetuneError:
+                if on_bad_row == "error":
+                    raise
+                skipped += 1
+    skipped += len(bad_lines)
     if skipped:
         log.warning("%s: skipped %d malformed record(s) (data.on_bad_row=skip)", source.name, skipped)
     if section.limit is not None and len(rows) > section.limit:

@@ -5,11 +5,14 @@ Records come out as (where, dict) pairs; `where` names the file and record for e
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +34,7 @@ def read_text(path: Path) -> str:
     if path.name.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # a bad header is OSError, damaged data zlib.error
             raise FinetuneError(f"{path}: not a valid gzip file ({e}); re-download or decompress it") from None
     if not raw:
         raise FinetuneError(f"{path}: the file is empty; check data.sources[].path or re-download the file")
@@ -63,16 +66,47 @@ def read_json(path: Path):
         raise FinetuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix or re-download the file") from None
 
 
+# Lines of a JSONL file that are not JSON objects, collected instead of raised while data.on_bad_row is skip.
+# A context variable, because records() is a generator that readers wrap: the error cannot be caught and resumed.
+_bad_lines: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("bad_lines", default=None)
+
+
+@contextlib.contextmanager
+def skipping_bad_lines():
+    """Within the block, unreadable JSONL lines are skipped and their locations collected in the yielded list."""
+    collected: list[str] = []
+    token = _bad_lines.set(collected)
+    try:
+        yield collected
+    finally:
+        _bad_lines.reset(token)
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
+            record = _object(json.loads(line), where)
         except json.JSONDecodeError as e:
-            raise FinetuneError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix the line or set data.on_bad_row=skip") from None
-        yield where, record
+            error = FinetuneError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix the line or set data.on_bad_row=skip")
+        except FinetuneError as e:
+            error = e
+        else:
+            yield where, record
+            continue
+        skipping = _bad_lines.get()
+        if skipping is None:
+            raise error from None
+        skipping.append(where)
+
+
+def _object(record, where: str) -> dict:
+    # Readers index records by field name; a list or scalar would surface as an AttributeError deep in a reader.
+    if not isinstance(record, dict):
+        raise FinetuneError(f"{where}: expected a JSON object {{field: value}}, found a {type(record).__name__}; each record must be one object")
+    return record
 
 
 def _delimited(path: Path, delimiter: str, header: bool) -> Iterator[tuple[str, dict]]:
@@ -114,7 +148,7 @@ def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
         if items is None:
             raise FinetuneError(f"{path}: expected a JSON list of records (or an object of records), found {type(data).__name__}")
         for key, record in items:
-            yield f"{path}: record {key}", record
+            yield f"{path}: record {key}", _object(record, f"{path}: record {key}")
     elif suffix in (".csv", ".tsv"):
         yield from _delimited(path, "," if suffix == ".csv" else "\t", header)
     elif suffix == ".parquet":
