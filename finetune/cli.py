@@ -33,7 +33,7 @@ def _recipe(args):
 
 
 def cmd_run(args) -> int:
-    from finetune import train
+    from finetune import evaluate, train
 
     recipe = _recipe(args)
     suite = _run_suite(recipe)
@@ -41,14 +41,15 @@ def cmd_run(args) -> int:
     summary = json.loads((out / "run.json").read_text())
     print(f"trained: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
           f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB")
+    # Scored before merging: the merge's own parity check shows the merged model equals base + adapter.
+    evaluation = evaluate.run(out, suite=suite, n=recipe.eval.n) if suite else None
     if recipe.export.merge:
         cmd_merge(argparse.Namespace(run_dir=out, output=None, target=recipe.export.merge_target))
     if recipe.export.gguf:
         cmd_export(argparse.Namespace(run_dir=out, gguf=recipe.export.gguf, output=None, no_verify=False))
     print(f"try it: finetune generate {out} \"your question\"")
-    if suite:
-        # Last, so a regression is the final thing the user sees.
-        cmd_eval(argparse.Namespace(target=out, suite=suite, n=recipe.eval.n))
+    if evaluation:
+        report_eval(evaluation)
     return 0
 
 
@@ -70,12 +71,18 @@ def _run_suite(recipe) -> str | None:
 def cmd_eval(args) -> int:
     from finetune import evaluate
 
-    result = evaluate.run(args.target, suite=args.suite, n=args.n)
+    report_eval(evaluate.run(args.target, suite=args.suite, n=args.n))
+    return 0
+
+
+def report_eval(result: dict) -> None:
+    """The table, then a warning naming every task the adapter made worse: the last thing the user sees."""
+    from finetune import evaluate
+
     print(evaluate.table(result))
     found = evaluate.regressions(result)
     if found:
         print(f"WARNING: the adapter regresses on {', '.join(found)} (95% CI of the delta below 0)", file=sys.stderr)
-    return 0
 
 
 def cmd_recipes_list(args) -> int:
