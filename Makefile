@@ -1,11 +1,11 @@
-# make setup | make recipe=NAME | make test
+# make setup | make recipe=NAME | make test | make notebooks
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 recipe ?= medical
 args ?=
 
-.PHONY: run setup test clean
+.PHONY: run setup test notebooks clean
 
 # `make recipe=NAME` trains recipes/NAME.yaml (setting up the environment first when needed).
 run: $(VENV)/.installed
@@ -26,6 +26,10 @@ $(VENV)/.installed: pyproject.toml
 # Everything, slow end-to-end runs included (what CI runs). `.venv/bin/pytest` alone runs the fast suite.
 test: $(VENV)/.installed
 	$(BIN)/pytest -q -m "slow or not slow"
+
+# Execute every notebook in notebooks/ headless; the executed copies (with their plots) and their run folders go to notebooks/out/.
+notebooks: $(VENV)/.installed
+	$(BIN)/python notebooks/run.py
 
 clean:
 	rm -rf $(VENV) runs
