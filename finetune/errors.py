@@ -8,3 +8,9 @@ class FinetuneError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(message.split()))
+
+
+def first_line(error: BaseException) -> str:
+    """A library exception's first line, to quote inside a one-line error (its own type name if it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from finetune import model as model_lib
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, first_line
 from finetune.inference import run_recipe
 from finetune.recipe import Recipe
 
@@ -128,7 +128,7 @@ def _load_adapter(base, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise FinetuneError(f"{adapter_dir}: the adapter does not fit the base model ({first}); merge with the recipe.yaml the run was trained with") from None
 
 

@@ -22,7 +22,7 @@ import torch
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors import SafetensorError
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, first_line
 from finetune.recipe import ModelSection, resolve_path
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -86,7 +86,7 @@ def convert_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise FinetuneError(f"model.base: {path}: cannot load this GGUF file ({first}); only Llama-architecture GGUF files are supported") from None
     # transformers refuses to serialise a model it loaded from GGUF; the weights are plain fp32 now.
     del model.config.quantization_config
@@ -166,7 +166,7 @@ def resolve(section: ModelSection) -> tuple[str, dict]:
 
 
 def _hub_error(base: str, error: Exception, source: str | None = None) -> FinetuneError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     if source is not None and Path(source).is_dir():  # a local folder: the Hub was never asked
         return FinetuneError(f"model.base: {base}: cannot load ({first})")
     offline = isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or "couldn't connect" in str(error)
@@ -188,7 +188,7 @@ def quantization_config(section: ModelSection):
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # an install without a usable backend fails in its own ways, not only ImportError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise FinetuneError(f"model.quantization: {section.quantization} needs bitsandbytes, which cannot be loaded here ({first}); pip install bitsandbytes, or set model.quantization=none") from None
     if section.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, first_line
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 
@@ -168,7 +168,7 @@ def hub_records(name: str, config: str | None, split: str) -> Iterator[tuple[str
                 f"data.sources[].hub: {name}: cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set or there is no network) "
                 "and the data set is not cached; download it where there is network, or point data.sources[].path at a local copy"
             ) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise FinetuneError(f"data.sources[].hub: {name} (config {config}, split {split}): {first}") from None
     for index, record in enumerate(dataset):
         yield f"{name}[{split}]: row {index}", record
