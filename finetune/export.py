@@ -24,6 +24,7 @@ import torch
 from finetune import model as model_lib
 from finetune.errors import FinetuneError, first_line
 from finetune.inference import run_recipe
+from finetune.outputs import replace_dir, write_json_atomic
 from finetune.recipe import Recipe
 
 log = logging.getLogger("finetune.export")
@@ -57,21 +58,6 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise FinetuneError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); delete it and run the step that writes it again") from None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Put a finished folder in place: os.replace cannot overwrite a non-empty folder, so move the old one aside first."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_partials(folder: Path, prefix: str) -> None:
@@ -295,9 +281,9 @@ def _save_merged(merged, tokenizer, output: Path, report: dict, start: float) ->
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         report["seconds"] = round(time.perf_counter() - start, 1)
-        _write_json(tmp / "merge.json", report)
+        write_json_atomic(tmp / "merge.json", report)
         tmp.chmod(0o755)
-        _replace_dir(tmp, output)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -548,7 +534,7 @@ def export_gguf(path: str | os.PathLike, outtype: str = "f16", output: str | os.
     report = read_json(out_dir / "export.json") or {}
     report.setdefault("merged", str(merged_dir))
     report.setdefault("files", {})[target.name] = figures
-    _write_json(out_dir / "export.json", report)
+    write_json_atomic(out_dir / "export.json", report)
     return target
 
 

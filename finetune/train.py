@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from finetune import adapters, model as model_lib, report
 from finetune.data.build import build
 from finetune.errors import FinetuneError
+from finetune.outputs import replace_dir, write_json_atomic
 from finetune.recipe import Recipe, to_yaml
 
 log = logging.getLogger(__name__)
@@ -299,14 +300,6 @@ def save_adapter(peft_model, tokenizer, target: Path) -> None:
         # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
         peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
