@@ -1,15 +1,18 @@
-# make setup | make recipe=NAME | make test | make notebooks
+# make setup | make recipe=NAME [gpus=N config=ddp|fsdp|deepspeed-zero2|deepspeed-zero3] | make test | make notebooks | make bench
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 recipe ?= medical
 args ?=
+gpus ?=
+config ?= ddp
 
-.PHONY: run setup test notebooks clean
+.PHONY: run setup test notebooks bench clean
 
-# `make recipe=NAME` trains recipes/NAME.yaml (setting up the environment first when needed).
+# `make recipe=NAME` trains recipes/NAME.yaml (setting up the environment first when needed);
+# with gpus=N it runs under accelerate with the shipped config (finetune/accelerate/CONFIG.yaml).
 run: $(VENV)/.installed
-	$(BIN)/finetune run $(recipe) $(args)
+	$(BIN)/finetune run $(recipe) $(args) $(if $(gpus),--distributed $(config) --processes $(gpus))
 
 setup: $(VENV)/.installed
 
@@ -30,6 +33,10 @@ test: $(VENV)/.installed
 # Execute every notebook in notebooks/ headless; the executed copies (with their plots) and their run folders go to notebooks/out/.
 notebooks: $(VENV)/.installed
 	$(BIN)/python notebooks/run.py
+
+# The toolkit against a plain TRL + PEFT baseline on real PubMedQA (../shared/data); appends to benchmarks/RESULTS.md.
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/sft_speed.py
 
 clean:
 	rm -rf $(VENV) runs

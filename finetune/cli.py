@@ -10,7 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune import distributed
+from finetune.errors import FinetuneError, disk_full
 
 log = logging.getLogger("finetune")
 
@@ -37,7 +38,11 @@ def cmd_run(args) -> int:
 
     recipe = _recipe(args)
     suite = _run_suite(recipe)
+    if args.distributed and distributed.world_size() == 1:
+        return _launch(args)
     out = train.run(recipe, overwrite=args.overwrite)
+    if not distributed.is_main():
+        return 0
     summary = json.loads((out / "run.json").read_text())
     print(f"trained: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
           f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB")
@@ -51,6 +56,22 @@ def cmd_run(args) -> int:
     if evaluation:
         report_eval(evaluation)
     return 0
+
+
+def _launch(args) -> int:
+    """Re-run this `finetune run` in every process of `accelerate launch`, with a shipped config."""
+    import subprocess
+
+    argv = ["run", args.recipe, *args.overrides] + (["--overwrite"] if args.overwrite else []) + (["--debug"] if args.debug else [])
+    command = distributed.launch_command(args.distributed, args.processes, argv)
+    if args.machines > 1:
+        if not args.main_address:
+            raise FinetuneError("--machines: a multi-machine run needs --main-address HOST:PORT (the machine-rank-0 host)")
+        host, _, port = args.main_address.partition(":")
+        command[2:2] = ["--num_machines", str(args.machines), "--machine_rank", str(args.machine_rank),
+                        "--main_process_ip", host, "--main_process_port", port or "29500"]
+    log.info("launching: %s", " ".join(command))
+    return subprocess.run(command).returncode
 
 
 def _run_suite(recipe) -> str | None:
@@ -307,6 +328,12 @@ def parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a recipe (SFT with LoRA/QLoRA)")
     recipe_args(run)
     run.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    launch = run.add_argument_group("several processes (accelerate launch; see README, Scaling out)")
+    launch.add_argument("--distributed", metavar="CONFIG", help="ddp, fsdp, deepspeed-zero2 or deepspeed-zero3: start the run under accelerate with that shipped config")
+    launch.add_argument("--processes", type=int, default=2, help="processes (GPUs) in all, over every machine (default 2)")
+    launch.add_argument("--machines", type=int, default=1, help="machines taking part (default 1)")
+    launch.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
+    launch.add_argument("--main-address", metavar="HOST:PORT", help="the rank-0 machine's address (multi-machine runs)")
     run.set_defaults(func=cmd_run)
 
     evaluation = commands.add_parser("eval", help="score base vs base + adapter on an eval suite (evals/NAME.yaml)")
@@ -394,8 +421,17 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun / accelerate every process hits the same error; one line is enough.
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        reason = disk_full(e)
+        if reason is None or args.debug:
+            raise
+        # Merge and export write into temp folders first, so nothing half-written is left looking complete.
+        print(f"error: the disk is full ({reason}) writing {e.filename or 'the output'}; free space or write elsewhere (--output)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ import torch
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors import SafetensorError
 
+from finetune import distributed
 from finetune.errors import FinetuneError, first_line
 from finetune.recipe import ModelSection, resolve_path
 
@@ -282,7 +283,11 @@ def load(section: ModelSection, for_training: bool = True):
     )
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0} if device() == "cuda" else {"": "cpu"}
+        # Each process loads onto its own GPU; under FSDP / ZeRO-3 the launcher places the shards.
+        if device() == "cpu":
+            kwargs["device_map"] = {"": "cpu"}
+        elif not distributed.sharded():
+            kwargs["device_map"] = {"": distributed.local_rank()}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -293,8 +298,8 @@ def load(section: ModelSection, for_training: bool = True):
         raise FinetuneError(f"model.base: {section.base}: the safetensors weights are damaged ({e}); download or save them again") from None
     except (OSError, ValueError, HFValidationError) as e:
         raise _hub_error(section.base, e, source) from None
-    if quant is None and device() == "cuda":
-        model.to("cuda")
+    if quant is None and device() == "cuda" and not distributed.sharded():
+        model.to(f"cuda:{distributed.local_rank()}")
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if for_training:

@@ -122,6 +122,11 @@ class TrainSection(Section):
     batch_size: int = Field(4, gt=0, description="Rows per device per forward pass.")
     gradient_accumulation: int = Field(1, gt=0, description="Forward passes per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~40% slower.")
+    group_by_length: bool = Field(
+        True,
+        description="SFT: batch rows of similar length together (batches are still shuffled), so little compute goes "
+        "to padding; false keeps a plain shuffled order.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")

@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import platform
 import resource
 import shutil
@@ -28,10 +27,11 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
-from finetune import adapters, model as model_lib, report
+from finetune import adapters, distributed, model as model_lib, report
 from finetune.data.build import build
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, disk_full
 from finetune.outputs import replace_dir, write_json_atomic
 from finetune.recipe import Recipe, to_yaml
 
@@ -47,11 +47,13 @@ class MetricsLog(TrainerCallback):
         self.checkpoints = checkpoints
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if state.is_world_process_zero:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        # Every process sees the same (gathered) loss, so all of them stop, and none waits for the others forever.
         for key in ("loss", "grad_norm"):
             value = logs.get(key)
             if value is not None and not math.isfinite(value):
@@ -127,6 +129,9 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
         gradient_checkpointing=train.gradient_checkpointing,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
+        # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
@@ -148,14 +153,23 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
 
 
 def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from finetune.batching import LeftPaddingCollator
+    from finetune.sft_trainer import SFTTrainer, TrainedPositionsSFTTrainer
 
     args = SFTConfig(
         **common_args(recipe, out, data.eval is not None),
+        train_sampling_strategy="group_by_length" if recipe.train.group_by_length else "random",
         # Rows arrive tokenized with assistant-only labels from data.build.
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
     )
+    if model_lib.device() == "cpu":
+        # TRL's fused LM head scores every position where Triton does not run: project only the trained ones.
+        return TrainedPositionsSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                                          data_collator=LeftPaddingCollator(tokenizer.pad_token_id))
     return SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
@@ -201,8 +215,8 @@ def initial_adapter(recipe: Recipe) -> Path | None:
 @contextlib.contextmanager
 def exclusive(out: Path):
     """Hold out/.lock for the whole run, so a second run into the same folder refuses instead of interleaving.
-    Under torchrun / accelerate only rank 0 takes it: the other ranks are the same run."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    Under torchrun / accelerate only the main process takes it: the others are the same run."""
+    if not distributed.is_main():
         yield
         return
     with (out / ".lock").open("w") as lock:
@@ -218,15 +232,21 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
     start_adapter = initial_adapter(recipe)
     out = recipe.output_dir
     fresh = not out.exists()
-    prepare_output(out, overwrite)
+    with distributed.main_first():
+        if distributed.is_main():
+            prepare_output(out, overwrite)
     try:
         with exclusive(out):
             return _train(recipe, out, start_adapter)
-    except BaseException:
+    except BaseException as e:
         # A run that failed before its first logged step (bad model, bad data) leaves no folder behind;
-        # one that trained keeps its metrics and checkpoints to resume from.
-        if fresh and not (out / "metrics.jsonl").exists():
+        # one that trained keeps its metrics and checkpoints to resume from (incomplete ones are skipped).
+        if fresh and distributed.is_main() and not (out / "metrics.jsonl").exists():
             shutil.rmtree(out, ignore_errors=True)
+        reason = disk_full(e)
+        if reason is not None:
+            raise FinetuneError(f"{out}: the disk is full ({reason}); free space or set train.output_dir on a bigger disk, "
+                                "then run the same command again to resume") from e
         raise
 
 
@@ -236,19 +256,22 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
     from finetune.data.build import build_preferences
 
     started = time.time()
-    model, tokenizer = model_lib.load(recipe.model)
+    dpo = recipe.train.method == "dpo"
+    # The main process converts the model and fills the token cache; the others then read them.
+    with distributed.main_first():
+        model, tokenizer = model_lib.load(recipe.model)
+        data = build_preferences(recipe, tokenizer) if dpo else build(recipe, tokenizer)
     if start_adapter is not None:
         model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
         peft_config = None
     else:
         peft_config = adapters.peft_config(recipe.adapter)
-    dpo = recipe.train.method == "dpo"
-    data = build_preferences(recipe, tokenizer) if dpo else build(recipe, tokenizer)
     log.info("training rows: %d, eval rows: %d, dropped as too long: %d",
              data.stats["train_rows"], data.stats["eval_rows"], data.stats["dropped_too_long"])
-    (out / "recipe.yaml").write_text(to_yaml(recipe))
     resume = last_checkpoint(out / "checkpoints")
-    trim_metrics(out / "metrics.jsonl", int(resume.name.split("-")[-1]) if resume else 0)
+    if distributed.is_main():
+        (out / "recipe.yaml").write_text(to_yaml(recipe))
+        trim_metrics(out / "metrics.jsonl", int(resume.name.split("-")[-1]) if resume else 0)
     if resume:
         log.info("resuming from %s", resume)
 
@@ -260,9 +283,17 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        # A run that fails mid-step would leave its progress bar open, redrawn below the error line at exit.
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
 
-    save_adapter(trainer.model, tokenizer, out / "adapter")
+    save_adapter(trainer, tokenizer, out / "adapter")
+    if not distributed.is_main():
+        return out
     report.plot_loss(out / "metrics.jsonl", out / "loss.png", title=recipe.name)
     if dpo:
         report.plot_rewards(out / "metrics.jsonl", out / "rewards.png", title=recipe.name)
@@ -281,6 +312,7 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
         "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "tokens_trained": trained_tokens,
         "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1) if trained_tokens else None,
+        "padding_fraction": padding_fraction(trainer) if not dpo else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": model_lib.device(),
@@ -293,13 +325,33 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
     return out
 
 
-def save_adapter(peft_model, tokenizer, target: Path) -> None:
-    """Save adapter + tokenizer + training chat template into a temp folder, then rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
-    try:
-        # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
-        peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, target)
-    finally:
+def padding_fraction(trainer) -> float:
+    """Share of the tokens in one epoch of the trainer's batches that are padding (its sampler, a fresh draw)."""
+    real = padded = 0
+    for batch in trainer.get_train_dataloader():
+        padded += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return round(1 - real / padded, 4)
+
+
+def save_adapter(trainer, tokenizer, target: Path) -> None:
+    """Save adapter + tokenizer + training chat template into a temp folder, then rename it into place.
+    Sharded weights (FSDP, ZeRO-3) are gathered by the Trainer, which needs every process; otherwise the
+    main process alone writes."""
+    tmp = target.parent / f".{target.name}-partial"
+    if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    try:
+        if distributed.sharded():
+            trainer.save_model(str(tmp))
+        elif distributed.is_main():
+            # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
+            trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
+        if distributed.is_main():
+            shutil.rmtree(tmp / "ref", ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            replace_dir(tmp, target)
+    finally:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,53 +1,51 @@
-"""A run killed with SIGKILL resumes with the same command and ends where an uninterrupted run ends."""
+"""A run killed with SIGKILL, in a step or in the middle of a checkpoint save, resumes with the same command and
+ends where an uninterrupted run ends; a full disk is one line and loses nothing."""
 
 from __future__ import annotations
 
-import json
-import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runs import env, finetune_run, logged_losses, write_recipe
 from finetune.train import last_checkpoint
 
-ROWS = [[{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w.upper())}]
-        for w in ("cat", "dog", "sun", "map", "pen", "cup", "box", "hat")]
+
+@pytest.fixture(scope="module")
+def reference_out(tmp_path_factory, tiny_llama_dir) -> Path:
+    root = tmp_path_factory.mktemp("reference")
+    reference = finetune_run(write_recipe(root, tiny_llama_dir, root / "out"))
+    _, stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, stderr[-2000:]
+    return root / "out"
 
 
-def write_recipe(folder, base, out) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "rows.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS))
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(
-        f"model: {{base: {base}}}\nadapter: {{r: 8, alpha: 16, dropout: 0.0}}\n"
-        f"data: {{sources: [{{path: {folder / 'rows.jsonl'}}}], max_length: 64}}\n"
-        f"train: {{max_steps: 10, learning_rate: 0.005, batch_size: 2, save_steps: 2, warmup_ratio: 0.0, output_dir: {out}}}\n"
-        "eval: {suite: null}\n"
-    )
-    return str(recipe)
-
-
-def finetune_run(recipe: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "finetune.cli", "run", recipe], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def logged_losses(out) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+def assert_resumes_to_the_reference(recipe: str, out: Path, reference_out: Path, resumed_from: str | None) -> None:
+    resumed = finetune_run(recipe)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-2000:]
+    if resumed_from:
+        assert f"resuming from {out / 'checkpoints' / resumed_from}" in stderr
+    else:
+        assert "resuming from" not in stderr
+    steps, losses = zip(*logged_losses(out))
+    reference_steps, reference_losses = zip(*logged_losses(reference_out))
+    assert steps == reference_steps == tuple(range(1, 11))
+    assert losses == pytest.approx(reference_losses, abs=1e-4)
+    expected = load_file(reference_out / "adapter" / "adapter_model.safetensors")
+    got = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_state(tmp_path, tiny_llama_dir):
-    reference_out = tmp_path / "reference"
-    reference = finetune_run(write_recipe(tmp_path / "a", tiny_llama_dir, reference_out))
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
-
+def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_state(tmp_path, tiny_llama_dir, reference_out):
     out = tmp_path / "killed"
     recipe = write_recipe(tmp_path / "b", tiny_llama_dir, out)
     victim = finetune_run(recipe)
@@ -62,16 +60,41 @@ def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_state(tm
     victim.wait()
     assert not (out / "run.json").exists() and not (out / "adapter").exists(), "the kill came too late to test anything"
 
-    resumed = finetune_run(recipe)
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
-    assert "resuming from" in resumed.stderr.read()
-    steps, losses = zip(*logged_losses(out))
-    reference_steps, reference_losses = zip(*logged_losses(reference_out))
-    assert steps == reference_steps == tuple(range(1, 11))
-    assert losses == pytest.approx(reference_losses, abs=1e-4)
-    expected = load_file(reference_out / "adapter" / "adapter_model.safetensors")
-    got = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    assert_resumes_to_the_reference(recipe, out, reference_out, last_checkpoint(out / "checkpoints").name)
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_checkpoint_save_resumes_from_the_one_before(tmp_path, tiny_llama_dir, reference_out):
+    out = tmp_path / "killed"
+    recipe = write_recipe(tmp_path, tiny_llama_dir, out)
+    killed = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_during_save.py"), "run", recipe], env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    half_saved = out / "checkpoints" / "checkpoint-4"
+    assert (half_saved / "optimizer.pt").is_file() and not (half_saved / "trainer_state.json").exists()
+    assert last_checkpoint(out / "checkpoints").name == "checkpoint-2"
+    assert_resumes_to_the_reference(recipe, out, reference_out, "checkpoint-2")
+
+
+def _limit_file_size():
+    # Files may not grow past 16 KB: the first checkpoint's writes fail as they would on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_run_resumes_when_there_is_room(tmp_path, tiny_llama_dir, reference_out):
+    out = tmp_path / "full"
+    recipe = write_recipe(tmp_path, tiny_llama_dir, out)
+    full = subprocess.run([sys.executable, "-m", "finetune.cli", "run", recipe], env=env(), capture_output=True, text=True,
+                          timeout=600, preexec_fn=_limit_file_size)
+    assert full.returncode == 2, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last == f"error: {out}: the disk is full (File too large); free space or set train.output_dir on a bigger disk, then run the same command again to resume", last
+    assert "Traceback" not in full.stderr
+    assert not (out / "run.json").exists() and not (out / "adapter").exists()
+    assert last_checkpoint(out / "checkpoints") is None
+    assert_resumes_to_the_reference(recipe, out, reference_out, None)
 
 
 def test_an_incomplete_checkpoint_is_never_picked(tmp_path):

@@ -1,0 +1,312 @@
+"""SFT speed and memory: the toolkit with its defaults against a plain TRL + PEFT baseline, in one run.
+
+Both train the same LoRA (r16, alpha 32, all-linear) on the same model (the embedded SmolLM2-135M on
+CPU) over the same rows of real PubMedQA (PQA-L from ../shared/data, first N training items, our
+rendering), one epoch, the same batch size, learning rate and schedule. Each variant runs in its own
+process (peak RSS is per process) and the variants are interleaved across repeats, so a noisy
+neighbour hurts them alike.
+
+Variants:
+    baseline         benchmarks/baseline_trl.py: SFTTrainer as TRL's docs show it (gradient checkpointing
+                     on, padding per batch, LM head over every position)
+    ours             `finetune.train.run` with the recipe defaults and the same rows per optimizer step, fed
+                     as micro-batches of 2 with gradient accumulation (the gradients equal one batch of 8's:
+                     the loss is normalised by the tokens of the whole step, tests/test_sft_trainer.py)
+    ours-checkpointing  ours with train.gradient_checkpointing=true: what memory would cost in speed
+    ours-nf4/-int8   the memory section: the same run with a quantized base (fewer steps)
+
+Measured per run: effective tokens/s (tokens that count in the loss, per second of training), real
+(non-padding) tokens/s, padding fraction, peak RSS, per-step losses; and once per run, the machine's
+dense fp32 matmul FLOP/s, for the utilization column (see `model_flops` for what is counted).
+
+    make bench                                    # full run: JSON + table in benchmarks/results/, appended to RESULTS.md
+    .venv/bin/python benchmarks/sft_speed.py --smoke --out /tmp/bench   # what CI runs: 2 steps, the project's sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_PUBMEDQA = ROOT.parent / "shared" / "data" / "medical" / "pubmedqa" / "ori_pqal.json"
+SAMPLE_PUBMEDQA = ROOT / "datasets" / "medical" / "pubmedqa" / "ori_pqal.json"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LEARNING_RATE = 1e-4
+# On CPU, small micro-batches waste less on padding and keep activations small; a bigger one buys no speed.
+MICRO_BATCH = 2
+
+
+# ---------------------------------------------------------------- workers (each in its own process)
+
+def embedded_dir() -> str:
+    from finetune import model as model_lib, recipe as recipe_lib
+
+    return model_lib.resolve(recipe_lib.ModelSection())[0]
+
+
+def token_counts(rows_file: Path) -> tuple[int, int, list[int]]:
+    """Tokens that count in the loss (assistant turns), real tokens, and each row's length, with the training template."""
+    from finetune import model as model_lib, recipe as recipe_lib
+    from finetune.data.build import IGNORE, tokenize
+
+    tokenizer = model_lib.load_tokenizer(embedded_dir(), recipe_lib.ModelSection())
+    rows = [tokenize(tokenizer, json.loads(line)["messages"]) for line in rows_file.read_text().splitlines()]
+    trained = sum(label != IGNORE for row in rows for label in row["labels"])
+    return trained, sum(len(row["input_ids"]) for row in rows), [len(row["input_ids"]) for row in rows]
+
+
+def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import baseline_trl
+
+    from finetune import model as model_lib
+    from finetune.train import padding_fraction
+
+    model_dir = embedded_dir()
+    template = work / "chatml.jinja"
+    template.write_text(model_lib.training_chat_template(None, "chatml"))
+    trainer = baseline_trl.train(model_dir, str(rows_file), str(template), str(work / "baseline"), steps, batch_size,
+                                 LEARNING_RATE, LORA["r"], LORA["alpha"], LORA["dropout"])
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    runtime = next(r["train_runtime"] for r in trainer.state.log_history if "train_runtime" in r)
+    return {"train_runtime_s": runtime, "losses": losses, "padding_fraction": padding_fraction(trainer)}
+
+
+def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides: list[str]) -> dict:
+    from finetune import recipe as recipe_lib, report, train
+
+    recipe = recipe_lib.load("medical", [
+        f"data.sources=[{{path: {rows_file}, reader: messages}}]", "data.system_prompt=null", "data.max_length=1024",
+        "data.eval_fraction=0", f"adapter.r={LORA['r']}", f"adapter.alpha={LORA['alpha']}", f"adapter.dropout={LORA['dropout']}",
+        "adapter.target_modules=all-linear", f"train.max_steps={steps}", f"train.batch_size={min(MICRO_BATCH, batch_size)}",
+        f"train.gradient_accumulation={max(1, batch_size // MICRO_BATCH)}", f"train.learning_rate={LEARNING_RATE}", "train.lr_scheduler=linear",
+        "train.warmup_ratio=0", "train.save_steps=100000", f"train.output_dir={work / 'ours'}",
+        "eval.suite=null", "export.merge=false", "export.gguf=null", *overrides,
+    ])
+    out = train.run(recipe)
+    summary = json.loads((out / "run.json").read_text())
+    losses = [r["loss"] for r in report.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    return {"train_runtime_s": summary["train_runtime_s"], "losses": losses, "padding_fraction": summary["padding_fraction"]}
+
+
+def worker(variant: str, rows_file: Path, steps: int, batch_size: int) -> None:
+    """Train one variant and print its measurements as one JSON line."""
+    import logging
+
+    from finetune.cli import _quiet_libraries
+
+    _quiet_libraries()
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if variant == "baseline":
+            result = run_baseline(rows_file, steps, batch_size, work)
+        else:
+            overrides = {"ours": [], "ours-checkpointing": ["train.gradient_checkpointing=true"],
+                         "ours-nf4": ["model.quantization=nf4"], "ours-int8": ["model.quantization=int8"]}[variant]
+            result = run_ours(rows_file, steps, batch_size, work, overrides)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- the driver
+
+def write_rows(source: Path, n: int, target: Path) -> None:
+    """The first n PubMedQA training items as chat rows, rendered by the toolkit's reader (both variants read this file)."""
+    from finetune import recipe as recipe_lib
+    from finetune.data.build import read_source
+    from finetune.data.formats import to_sft
+
+    system = recipe_lib.load("medical", []).data.system_prompt
+    section = recipe_lib.SourceSection(path=str(source), reader="pubmedqa", split="train")
+    reader, rows, _ = read_source(section, "error", seed=0)
+    target.write_text("".join(json.dumps(to_sft(row, reader.kind, system)) + "\n" for row in rows[:n]))
+
+
+def matmul_flops(seconds: float = 3.0, size: int = 1024) -> float:
+    """Dense fp32 matmul FLOP/s of this machine with torch's default threads: the ceiling for utilization."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - started)
+
+
+def model_flops(trained: int, real: int, rows: list[int]) -> float:
+    """Useful training FLOPs with a frozen base: 4 x frozen matmul parameters per real token (forward, and the
+    backward to the activations; frozen weights get no weight gradient), 6 x LoRA parameters per token, causal
+    attention 6 x layers x hidden x s^2 per row of length s (forward half of 4 s^2 d, backward twice that), and the
+    LM head only where a token is trained (4 x its parameters); recomputation for checkpointing is not useful work."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded_dir())
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * d // config.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff  # q, o, k, v, gate, up, down
+    lora_per_layer = LORA["r"] * ((d + d) * 2 + (d + kv) * 2 + (d + ff) * 3)
+    head = d * config.vocab_size
+    attention = sum(6 * layers * d * s * s for s in rows) / 2
+    return real * (4 * layers * per_layer + 6 * layers * lora_per_layer) + attention + trained * 4 * head
+
+
+def spawn(variant: str, rows_file: Path, steps: int, batch_size: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, __file__, "--worker", variant, "--rows", str(rows_file), "--steps", str(steps),
+                           "--batch-size", str(batch_size)], env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    ram = next((int(line.split()[1]) // 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), None)
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram, "torch_threads": torch.get_num_threads(),
+            "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "python": platform.python_version()}
+
+
+def summarize(variant: str, runs: list[dict], trained: int, real: int, flops: float, peak_flops: float) -> dict:
+    runtime = statistics.median(r["train_runtime_s"] for r in runs)
+    return {
+        "variant": variant,
+        "repeats": len(runs),
+        "train_runtime_s": [r["train_runtime_s"] for r in runs],
+        "effective_tokens_per_s": round(trained / runtime, 2),
+        "real_tokens_per_s": round(real / runtime, 1),
+        "padding_fraction": runs[0]["padding_fraction"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "mean_loss": round(statistics.mean(runs[0]["losses"]), 4),
+        "final_loss": round(runs[0]["losses"][-1], 4),
+        "losses": runs[0]["losses"],
+        "utilization_pct": round(100 * flops / runtime / peak_flops, 1),
+    }
+
+
+def table(results: list[dict], baseline: dict) -> str:
+    lines = ["| variant | effective tok/s | real tok/s | vs baseline | padding | peak RSS MB | mean loss | final loss | FLOP util |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r["effective_tokens_per_s"] / baseline["effective_tokens_per_s"]
+        lines.append(f"| {r['variant']} | {r['effective_tokens_per_s']} | {r['real_tokens_per_s']} | {ratio:.2f}x | "
+                     f"{r['padding_fraction']:.1%} | {r['peak_rss_mb']:.0f} | {r['mean_loss']} | {r['final_loss']} | {r['utilization_pct']}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=32, help="PubMedQA training items, one epoch (default 32)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step: TRL's default per-device batch (default 8)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of baseline and ours (default 2)")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps for the nf4 / int8 memory runs; 0 skips them")
+    parser.add_argument("--variants", default="baseline,ours,ours-checkpointing",
+                        help="comma-separated speed variants; the first is the reference of the ratios")
+    parser.add_argument("--smoke", action="store_true", help="CI: 4 rows of the project's sample, 2 steps, one repeat, no memory runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and table")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.worker:
+        worker(a.worker, a.rows, a.steps, a.batch_size)
+        return
+    if a.smoke:
+        a.examples, a.batch_size, a.repeats, a.memory_steps = 4, 2, 1, 0
+    source = SAMPLE_PUBMEDQA if a.smoke or not SHARED_PUBMEDQA.is_file() else SHARED_PUBMEDQA
+    a.out.mkdir(parents=True, exist_ok=True)
+    # The rows are real data from ../shared: they stay out of the project.
+    scratch = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    rows_file = scratch / "rows.jsonl"
+    write_rows(source, a.examples, rows_file)
+    n_rows = len(rows_file.read_text().splitlines())
+    steps = -(-n_rows // a.batch_size)
+    trained, real, lengths = token_counts(rows_file)
+    flops = model_flops(trained, real, lengths)
+
+    peak_flops = [matmul_flops()]
+    speed_variants = ["baseline", "ours"] if a.smoke else a.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in speed_variants}
+    for repeat in range(a.repeats):
+        order = speed_variants if repeat % 2 == 0 else speed_variants[::-1]
+        for variant in order:
+            print(f"repeat {repeat + 1}/{a.repeats}: {variant}", file=sys.stderr, flush=True)
+            runs[variant].append(spawn(variant, rows_file, steps, a.batch_size))
+    peak_flops.append(matmul_flops())
+    peak = max(peak_flops)
+    results = [summarize(v, runs[v], trained, real, flops, peak) for v in speed_variants]
+
+    memory = []
+    if a.memory_steps:
+        memory_rows = scratch / "rows-memory.jsonl"
+        memory_rows.write_text("".join(rows_file.read_text().splitlines(keepends=True)[: a.memory_steps * a.batch_size]))
+        m_trained, m_real, m_lengths = token_counts(memory_rows)
+        for variant in ("ours", "ours-nf4", "ours-int8"):
+            print(f"memory: {variant}", file=sys.stderr, flush=True)
+            result = spawn(variant, memory_rows, a.memory_steps, a.batch_size)
+            memory.append(summarize(variant, [result], m_trained, m_real, model_flops(m_trained, m_real, m_lengths), peak))
+
+    baseline = results[0]
+    ours = results[1]
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "data": {"source": str(source.relative_to(ROOT.parent) if source.is_relative_to(ROOT.parent) else source),
+                 "rows": n_rows, "steps": steps, "batch_size": a.batch_size, "trained_tokens": trained, "real_tokens": real},
+        "matmul_gflops": round(peak / 1e9, 1),
+        "speedup": round(ours["effective_tokens_per_s"] / baseline["effective_tokens_per_s"], 2),
+        "memory_ratio": round(ours["peak_rss_mb"] / baseline["peak_rss_mb"], 2),
+        "results": results,
+        "memory": memory,
+    }
+    shutil.rmtree(scratch, ignore_errors=True)
+    stamp = report["date"].replace(":", "")
+    (a.out / f"sft-{stamp}.json").write_text(json.dumps(report, indent=2))
+    markdown = render(report)
+    (a.out / f"sft-{stamp}.md").write_text(markdown)
+    print(markdown)
+    if not a.smoke:
+        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
+            f.write("\n" + markdown)
+
+
+def render(report: dict) -> str:
+    m, d = report["machine"], report["data"]
+    text = [
+        f"## SFT speed, {report['date'][:10]}: ours {report['speedup']}x the baseline's effective tokens/s, "
+        f"{report['memory_ratio']}x its peak RSS",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, {m['device']}; "
+        f"dense fp32 matmul {report['matmul_gflops']} GFLOP/s. Data: {d['source']}, {d['rows']} rows, {d['steps']} steps "
+        f"of batch {d['batch_size']}, {d['real_tokens']} real tokens of which {d['trained_tokens']} count in the loss.",
+        "",
+        table(report["results"], report["results"][0]),
+    ]
+    if report["memory"]:
+        text += ["", "Memory (the same rows, fewer steps):", "", table(report["memory"], report["memory"][0])]
+    return "\n".join(text) + "\n"
+
+
+if __name__ == "__main__":
+    main()
