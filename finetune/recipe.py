@@ -132,6 +132,11 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
     logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")
     save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
+    resume: str | None = Field(
+        None,
+        description="Resume from this checkpoint folder; by default a rerun resumes from the newest complete "
+        "checkpoint in output_dir/checkpoints by itself.",
+    )
     eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval_fraction > 0).")
     output_dir: str = Field("runs/{name}", description="Where the run writes; '{name}' is the recipe name. Relative to the current folder.")
 

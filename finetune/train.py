@@ -33,7 +33,7 @@ from finetune import adapters, distributed, model as model_lib, report
 from finetune.data.build import build
 from finetune.errors import FinetuneError, disk_full
 from finetune.outputs import replace_dir, write_json_atomic
-from finetune.recipe import Recipe, to_yaml
+from finetune.recipe import Recipe, resolve_path, to_yaml
 
 log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "gguf", "huggingface_hub")
@@ -73,20 +73,37 @@ def versions() -> dict:
     return found
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """transformers writes trainer_state.json after the weights, optimizer, scheduler and RNG state, so a
+    readable one marks a finished save."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was saved completely: transformers writes trainer_state.json after the
-    weights, optimizer, scheduler and RNG state, so a readable one marks a finished save."""
+    """The newest checkpoint that was saved completely."""
     if not folder.is_dir():
         return None
     steps = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit())
     for _, checkpoint in reversed(steps):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            log.warning("ignoring incomplete checkpoint %s", checkpoint)
-            continue
-        return checkpoint
+        if is_complete(checkpoint):
+            return checkpoint
+        log.warning("ignoring incomplete checkpoint %s", checkpoint)
     return None
+
+
+def resume_point(recipe: Recipe, out: Path) -> Path | None:
+    """train.resume when the recipe names one, else the newest complete checkpoint of this run (or none)."""
+    if recipe.train.resume is None:
+        return last_checkpoint(out / "checkpoints")
+    checkpoint = resolve_path(recipe.train.resume)
+    if not is_complete(checkpoint):
+        raise FinetuneError(f"train.resume: {recipe.train.resume}: not a complete checkpoint (no readable trainer_state.json); "
+                            "name a checkpoint-N folder, or remove train.resume to use the newest complete one")
+    return checkpoint
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -236,8 +253,9 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
         if distributed.is_main():
             prepare_output(out, overwrite)
     try:
+        resume = resume_point(recipe, out)
         with exclusive(out):
-            return _train(recipe, out, start_adapter)
+            return _train(recipe, out, start_adapter, resume)
     except BaseException as e:
         # A run that failed before its first logged step (bad model, bad data) leaves no folder behind;
         # one that trained keeps its metrics and checkpoints to resume from (incomplete ones are skipped).
@@ -250,7 +268,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
         raise
 
 
-def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
+def _train(recipe: Recipe, out: Path, start_adapter: Path | None, resume: Path | None) -> Path:
     from peft import PeftModel
 
     from finetune.data.build import build_preferences
@@ -268,7 +286,6 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None) -> Path:
         peft_config = adapters.peft_config(recipe.adapter)
     log.info("training rows: %d, eval rows: %d, dropped as too long: %d",
              data.stats["train_rows"], data.stats["eval_rows"], data.stats["dropped_too_long"])
-    resume = last_checkpoint(out / "checkpoints")
     if distributed.is_main():
         (out / "recipe.yaml").write_text(to_yaml(recipe))
         trim_metrics(out / "metrics.jsonl", int(resume.name.split("-")[-1]) if resume else 0)

@@ -101,6 +101,24 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir
     assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
 
 
+def test_train_resume_picks_the_named_checkpoint_over_the_newest(tmp_path, tiny_llama_dir, caplog):
+    reference = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=2))
+    out = train.run(tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=2))
+    (out / "run.json").unlink()
+    shutil.rmtree(out / "adapter")
+    named = out / "checkpoints" / "checkpoint-4"
+    assert (out / "checkpoints" / "checkpoint-6").is_dir()  # the newest, which train.resume overrides
+    with caplog.at_level("INFO", logger="finetune.train"):
+        train.run(tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=2, resume=str(named)))
+    assert f"resuming from {named}" in caplog.text
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 7))
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-4)
+    first = load_file(reference / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(first[k], resumed[k], atol=1e-6) for k in first)
+
+
 def test_a_second_run_into_the_same_folder_refuses(tmp_path, tiny_llama_dir):
     import fcntl
 
