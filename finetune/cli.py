@@ -18,6 +18,7 @@ log = logging.getLogger("finetune")
 EPILOG = """examples:
   finetune run medical                          train recipes/medical.yaml
   finetune run recipes/medical.yaml train.max_steps=50 adapter.r=8
+  finetune run legal --distributed fsdp --processes 4      the same run on 4 GPUs (accelerate)
   finetune recipes list | show medical | schema
   finetune data preview medical -n 2
   finetune generate runs/medical "Is aspirin an NSAID?"
