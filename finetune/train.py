@@ -360,13 +360,13 @@ def save_adapter(trainer, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
     try:
+        # Only the trained adapter ships: DPO adds a frozen "ref" copy, which the Trainer's gathering save writes too.
         if distributed.sharded():
             trainer.save_model(str(tmp))
+            shutil.rmtree(tmp / "ref", ignore_errors=True)
         elif distributed.is_main():
-            # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
             trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
         if distributed.is_main():
-            shutil.rmtree(tmp / "ref", ignore_errors=True)
             tokenizer.save_pretrained(tmp)
             replace_dir(tmp, target)
     finally:
