@@ -81,7 +81,7 @@ def _run_suite(recipe) -> str | None:
 
     if recipe.eval.suite != "auto":
         if recipe.eval.suite is not None:
-            evaluate.load_suite(recipe.eval.suite)  # a wrong name fails now, not after training
+            evaluate.load_suite(recipe.eval.suite, given_as="eval.suite")  # a wrong name fails now, not after training
         return recipe.eval.suite
     try:
         return evaluate.suite_for(recipe)

@@ -18,6 +18,7 @@ paired bootstrap over examples. A task whose whole interval lies below 0 is a re
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from finetune.data import formats
 from finetune.data.build import read_source
 from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
-from finetune.recipe import PROJECT_ROOT, Recipe, SourceSection, _suggest
+from finetune.recipe import PROJECT_ROOT, Recipe, SourceSection, _suggest, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,11 @@ class ShotsSource(Section):
 
 class Task(Section):
     reader: str = Field(..., description="Reader of the task's file: see `finetune data readers`.")
-    path: str = Field(..., description="Local file (relative to the current folder, else the project folder).")
+    path: str = Field(
+        ...,
+        description="Local file (relative to the current folder, else the project folder); a glob pattern "
+        "(tasks/contract_nli_*/train.tsv) scores the rows of every matching file as one task.",
+    )
     split: str = Field("train", description="Which split to read (reader-defined; pubmedqa: test = the official test PMIDs).")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename source fields: {reader_field: source_field}.")
     n: int | None = Field(None, gt=0, description="Score at most this many rows (a seeded sample); all rows when absent.")
@@ -77,7 +82,11 @@ class Task(Section):
         "qa rows: numeric_match, exact_match or f1. Default: accuracy for mcq, numeric_match for qa.",
     )
     shots: int = Field(0, ge=0, description="Demonstrations put before each question as earlier user/assistant turns.")
-    shots_from: ShotsSource | None = Field(None, description="Where the demonstrations come from (needed when shots > 0); rows equal to a scored row are never used.")
+    shots_from: ShotsSource | Literal["same"] | None = Field(
+        None,
+        description="Where the demonstrations come from (needed when shots > 0); rows equal to a scored row are never used. "
+        "`same`: each example's own file, leaving the example out, for files too small to hold out a pool (LegalBench's).",
+    )
     max_new_tokens: int = Field(32, gt=0, description="qa rows: longest generated answer.")
     tolerance: float = Field(1e-3, ge=0, description="qa rows: relative tolerance of numeric_match.")
 
@@ -98,7 +107,7 @@ class Task(Section):
             raise ValueError(f"metric {self.metric!r} does not apply to {kind} rows; use one of {', '.join(allowed)}")
         if self.shots and self.shots_from is None:
             raise ValueError("shots > 0 needs shots_from: {path, reader, split} naming where the demonstrations come from")
-        if self.shots_from is not None and READERS[self.shots_from.reader].kind != kind:
+        if isinstance(self.shots_from, ShotsSource) and READERS[self.shots_from.reader].kind != kind:
             raise ValueError(f"shots_from.reader {self.shots_from.reader!r} does not yield {kind} rows like the task's reader")
         return self
 
@@ -154,21 +163,22 @@ def suite_names() -> list[str]:
     return sorted({p.stem for d in suite_dirs() for p in d.glob("*.yaml")})
 
 
-def find_suite(name_or_path: str) -> Path:
-    path = Path(name_or_path)
+def find_suite(name_or_path: str, given_as: str = "--suite") -> Path:
+    """The suite file; `given_as` names where the name came from (the --suite option or a recipe's eval.suite)."""
+    path = resolve_path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise FinetuneError(f"{name_or_path}: suite file not found; give a path to a .yaml file or a name from evals/")
+            raise FinetuneError(f"{given_as} {name_or_path}: suite file not found; give a path to a .yaml file or a name from evals/")
         return path
     for d in suite_dirs():
         if (d / f"{name_or_path}.yaml").is_file():
             return d / f"{name_or_path}.yaml"
-    raise FinetuneError(f"--suite {name_or_path}: no such eval suite{_suggest(name_or_path, suite_names())}; known: {', '.join(suite_names()) or 'none'} (evals/NAME.yaml)")
+    raise FinetuneError(f"{given_as} {name_or_path}: no such eval suite{_suggest(name_or_path, suite_names())}; known: {', '.join(suite_names()) or 'none'} (evals/NAME.yaml)")
 
 
-def load_suite(name_or_path: str) -> Suite:
+def load_suite(name_or_path: str, given_as: str = "--suite") -> Suite:
     """A suite by name (evals/NAME.yaml) or path, validated strictly."""
-    path = find_suite(name_or_path)
+    path = find_suite(name_or_path, given_as)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -200,8 +210,22 @@ def suite_for(recipe: Recipe) -> str:
 # ---------------------------------------------------------------- examples
 
 
-def _source(task: Task | ShotsSource, n: int | None = None) -> SourceSection:
-    return SourceSection(path=task.path, reader=task.reader, split=task.split, columns=task.columns, limit=n)
+def _source(task: Task | ShotsSource, path: str | None = None) -> SourceSection:
+    return SourceSection(path=path or task.path, reader=task.reader, split=task.split, columns=task.columns)
+
+
+def task_files(task: Task) -> list[str]:
+    """The task's file, or every file its glob pattern matches (relative to the current folder, else the project)."""
+    if not any(ch in task.path for ch in "*?["):
+        return [task.path]
+    pattern = Path(task.path).expanduser()
+    if pattern.is_absolute():
+        matches = sorted(glob.glob(str(pattern)))
+    else:
+        matches = next((found for root in (Path.cwd(), PROJECT_ROOT) if (found := sorted(str(p) for p in root.glob(task.path)))), [])
+    if matches:
+        return matches
+    raise FinetuneError(f"eval task ({task.reader}, {task.path}): the pattern matches no file; check the path in the suite")
 
 
 def conversation(row: dict, kind: str, system_prompt: str | None, shots: list[dict] = ()) -> list[dict]:
@@ -220,15 +244,19 @@ def conversation(row: dict, kind: str, system_prompt: str | None, shots: list[di
 def examples(task: Task, system_prompt: str | None, seed: int = 0, n: int | None = None) -> list[dict]:
     """The task's scored examples: {id, messages (up to the question), options | answer, row}."""
     limit = min(x for x in (task.n, n) if x is not None) if (task.n or n) else None
-    reader, rows, _ = read_source(_source(task, limit), "error", seed)
+    files = {path: read_source(_source(task, path), "error", seed)[1] for path in task_files(task)}
+    rows = [(path, row) for path, file_rows in files.items() for row in file_rows]
     if not rows:
         raise FinetuneError(f"eval task ({task.reader}, {task.path}, split {task.split}): no rows; check the path and split in the suite")
-    shots = demonstrations(task, rows, seed)
+    if limit is not None and len(rows) > limit:
+        rows = random.Random(seed).sample(rows, limit)
+    shared = demonstrations(task, [row for _, row in rows], seed) if isinstance(task.shots_from, ShotsSource) else []
     out = []
-    for row in rows:
-        messages = conversation(row, reader.kind, system_prompt, shots)
+    for path, row in rows:
+        shots = own_file_shots(task, files[path], row, seed) if task.shots_from == "same" else shared
+        messages = conversation(row, task.kind, system_prompt, shots)
         item = {"id": row["id"], "messages": messages, "row": row}
-        if reader.kind == "mcq":
+        if task.kind == "mcq":
             item["options"] = list(row["options"])
             item["answer"] = row["answer"]
         else:
@@ -237,18 +265,30 @@ def examples(task: Task, system_prompt: str | None, seed: int = 0, n: int | None
     return out
 
 
+def _question(row: dict, kind: str) -> str:
+    return json.dumps(formats.to_sft(row, kind)["messages"][:-1])
+
+
 def demonstrations(task: Task, scored: list[dict], seed: int) -> list[dict]:
     """`shots` rows from shots_from, never one whose question is also scored."""
     if not task.shots:
         return []
     _, pool, _ = read_source(_source(task.shots_from), "error", seed)
-    kind = task.kind
-    taken = {json.dumps(formats.to_sft(r, kind)["messages"][:-1]) for r in scored}
-    pool = [r for r in pool if json.dumps(formats.to_sft(r, kind)["messages"][:-1]) not in taken]
+    taken = {_question(r, task.kind) for r in scored}
+    pool = [r for r in pool if _question(r, task.kind) not in taken]
     random.Random(seed).shuffle(pool)
     if len(pool) < task.shots:
         raise FinetuneError(f"eval task ({task.path}): shots: {task.shots} but shots_from {task.shots_from.path} has only {len(pool)} rows that are not scored; lower shots or n")
     return pool[: task.shots]
+
+
+def own_file_shots(task: Task, file_rows: list[dict], row: dict, seed: int) -> list[dict]:
+    """`shots` other rows of the example's own file (leave-one-out), drawn by a seed tied to the example."""
+    question = _question(row, task.kind)
+    pool = [r for r in file_rows if _question(r, task.kind) != question]
+    if len(pool) < task.shots:
+        raise FinetuneError(f"eval task ({task.path}): shots: {task.shots} but {row['id']}'s file has only {len(pool)} other rows; lower shots")
+    return random.Random(f"{seed}-{row['id']}").sample(pool, task.shots)
 
 
 # ---------------------------------------------------------------- option log-likelihood
@@ -264,37 +304,61 @@ def option_logprobs(model, tokenizer, prompts: list[list[int]], options: list[li
     """(summed log-prob, token count) of every option as the continuation of its prompt's token ids.
 
     Options are tokenized on their own and appended to the prompt ids, so an option's tokens are the
-    same whatever the prompt ends with. Sequences are padded on the right (positions and causal
-    attention of the real tokens are then untouched by padding) and only the logits from the
-    shortest prompt's last token onwards are computed, which keeps memory at options, not prompts.
+    same whatever the prompt ends with. Each batch of prompts is run once, padded on the right, and
+    its key/value cache is reused for every option: option j of every prompt is fed after the cache
+    (padding masked out, positions continuing each prompt's own length), then the cache is cropped
+    back to the prompts. An example with k options costs one prompt pass plus k passes over a few
+    option tokens, instead of k passes over prompt + option.
     """
+    from transformers import DynamicCache
+
     pad = tokenizer.pad_token_id
-    items = []
-    for i, (prompt, labels) in enumerate(zip(prompts, options)):
-        for j, label in enumerate(labels):
-            ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+    option_ids = []
+    for labels in options:
+        encoded = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+        for label, ids in zip(labels, encoded):
             if not ids:
                 raise FinetuneError(f"option {label!r} has no tokens; an option label must be non-empty text")
-            items.append((i, j, prompt, ids))
+        option_ids.append(encoded)
     # Longest first: batches hold similar lengths (less padding) and an out-of-memory shows at once.
-    items.sort(key=lambda it: -(len(it[2]) + len(it[3])))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     scores = [[(0.0, 0)] * len(labels) for labels in options]
     device = model.device
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        width = max(len(p) + len(o) for _, _, p, o in batch)
-        first = min(len(p) for _, _, p, _ in batch) - 1  # logit position predicting the first option token
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = torch.tensor([len(prompts[i]) for i in batch])
+        width = int(lengths.max())
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, _, p, o) in enumerate(batch):
-            ids[row, : len(p) + len(o)] = torch.tensor(p + o)
-            mask[row, : len(p) + len(o)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=width - first).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for row, (i, j, p, o) in enumerate(batch):
-            positions = torch.arange(len(p) - 1, len(p) - 1 + len(o)) - first
-            picked = logprobs[row, positions.to(logprobs.device), torch.tensor(o, device=logprobs.device)]
-            scores[i][j] = (picked.sum().item(), len(o))
+        for row, i in enumerate(batch):
+            ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
+            mask[row, : len(prompts[i])] = 1
+        cache = DynamicCache(config=model.config)
+        first = int(lengths.min()) - 1  # earliest logit position any prompt's last token sits at
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True, logits_to_keep=width - first).logits
+        last = torch.log_softmax(logits[torch.arange(len(batch)), lengths - 1 - first].float(), dim=-1).cpu()
+        for j in range(max(len(option_ids[i]) for i in batch)):
+            rows = [(row, option_ids[i][j]) for row, i in enumerate(batch) if j < len(option_ids[i])]
+            # The first option token is scored by the prompt's last logit; the rest need the option fed in.
+            span = max(len(o) for _, o in rows) - 1
+            if span:
+                tail = torch.full((len(batch), span), pad, dtype=torch.long)
+                tail_mask = torch.zeros((len(batch), span), dtype=torch.long)
+                for row, o in rows:
+                    tail[row, : len(o) - 1] = torch.tensor(o[:-1])
+                    tail_mask[row, : len(o) - 1] = 1
+                positions = lengths[:, None] + torch.arange(span)[None, :]
+                out = model(
+                    input_ids=tail.to(device), attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                )
+                following = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+                cache.crop(-span)
+            for row, o in rows:
+                total = last[row, o[0]].item()
+                if len(o) > 1:
+                    total += following[row, torch.arange(len(o) - 1), torch.tensor(o[1:])].sum().item()
+                scores[batch[row]][j] = (total, len(o))
     return scores
 
 

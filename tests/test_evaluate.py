@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from finetune import evaluate
-from finetune.data.build import chat_rows
+from finetune.data.build import chat_rows, read_source
+from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
-from finetune.recipe import PROJECT_ROOT, load as load_recipe, resolve_path
+from finetune.recipe import PROJECT_ROOT, SourceSection, load as load_recipe, resolve_path
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs
 
@@ -31,11 +32,13 @@ def classification_rows(labels: list[str], options=("yes", "no", "maybe")) -> li
 class AlwaysPrefers:
     """A stand-in causal LM whose next-token distribution always puts most mass on one token."""
 
+    config = None  # an empty key/value cache is all the scorer builds from it
+
     def __init__(self, token_id: int, vocab: int):
         self.token_id, self.vocab, self.device = token_id, vocab, torch.device("cpu")
 
-    def __call__(self, input_ids, attention_mask, logits_to_keep):
-        logits = torch.zeros(input_ids.shape[0], logits_to_keep, self.vocab)
+    def __call__(self, input_ids, attention_mask, logits_to_keep=0, **cache_arguments):
+        logits = torch.zeros(input_ids.shape[0], logits_to_keep or input_ids.shape[1], self.vocab)
         logits[..., self.token_id] = 10.0
         return SimpleNamespace(logits=logits)
 
@@ -227,6 +230,54 @@ def test_few_shot_demonstrations_are_earlier_turns_and_never_a_scored_row():
     assert not scored & set(demos)
     # The demonstrations answer with the bare label, the way the options are scored.
     assert {m["content"] for m in first[2:-1:2]} <= {"positive", "negative", "neutral"}
+
+
+def _legalbench_task(folder: Path, name: str, rows: list[tuple[str, str]]) -> None:
+    (folder / name).mkdir(parents=True)
+    lines = ["index\tanswer\ttext"] + [f"{i}\t{answer}\t{text}" for i, (answer, text) in enumerate(rows)]
+    (folder / name / "train.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_glob_task_scores_every_file_and_same_file_shots_leave_the_example_out(tmp_path):
+    """LegalBench's tasks hold 5-9 rows each: one task scores several files, and each example's demonstrations
+    are other rows of its own file (never itself, never another task's rows)."""
+    _legalbench_task(tmp_path, "nda_a", [("Yes", f"Clause A{i} keeps the agreement secret.") for i in range(3)] + [("No", f"Clause A{i} is about fees.") for i in range(3, 5)])
+    _legalbench_task(tmp_path, "nda_b", [("Yes", f"Clause B{i} allows copies.") for i in range(2)] + [("No", f"Clause B{i} forbids copies.") for i in range(2, 4)])
+    _legalbench_task(tmp_path, "other", [("Yes", "not matched by the pattern"), ("No", "nor this")])
+    task = {"reader": "legalbench", "path": str(tmp_path / "nda_*" / "train.tsv"), "shots": 2, "shots_from": "same"}
+    suite = evaluate.load_suite(str(write_suite(tmp_path, {"t": task})))
+    items = evaluate.examples(suite.tasks["t"], "sys", suite.seed)
+    assert len(items) == 9
+    for item in items:
+        own = item["messages"][-1]["content"]
+        demos = [m["content"] for m in item["messages"][1:-1:2]]
+        assert len(demos) == 2 and own not in demos
+        letter = "A" if "Clause A" in own else "B"
+        assert all(f"Clause {letter}" in d for d in demos)
+    # The draw is seeded per example: the same suite gives the same prompts.
+    assert [it["messages"] for it in evaluate.examples(suite.tasks["t"], "sys", suite.seed)] == [it["messages"] for it in items]
+    with pytest.raises(FinetuneError, match=r"shots: 5 but legalbench-nda_\w-\d's file has only [34] other rows; lower shots"):
+        evaluate.examples(evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 5}}))).tasks["t"], None)
+    missing = {**task, "path": str(tmp_path / "nosuch_*" / "train.tsv")}
+    with pytest.raises(FinetuneError, match=r"nosuch_\*/train.tsv\): the pattern matches no file; check the path in the suite"):
+        evaluate.examples(evaluate.load_suite(str(write_suite(tmp_path, {"t": missing}))).tasks["t"], None)
+
+
+@pytest.mark.skipif(not (PROJECT_ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("name", ["medical", "legal", "finance"])
+def test_the_real_data_suites_read_their_sets_and_never_score_a_training_row(name):
+    """evals/real/*.yaml score the README's results; benchmarks/real_data.sh trains on the other split."""
+    suite = evaluate.load_suite(str(PROJECT_ROOT / "evals" / "real" / f"{name}.yaml"))
+    training = {"medical": ("pubmedqa", "medical/pubmedqa/ori_pqal.json", "train"),
+                "legal": ("contractnli", "legal/contract-nli/dev.json", "train"),
+                "finance": ("tatqa", "finance/tat-qa/tatqa_dataset_dev.json", "train")}[name]
+    reader, path, split = training
+    _, rows, _ = read_source(SourceSection(path=f"../shared/data/{path}", reader=reader, split=split), "error", 0)
+    trained = {evaluate._question(row, READERS[reader].kind) for row in rows}
+    for task_name, task in suite.tasks.items():
+        items = evaluate.examples(task, None, suite.seed)
+        assert len(items) >= 100, task_name
+        assert not trained & {evaluate._question(it["row"], task.kind) for it in items}, task_name
 
 
 def write_suite(folder: Path, tasks: dict, **top) -> Path:
