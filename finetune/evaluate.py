@@ -368,15 +368,17 @@ def choose(scores: list[tuple[float, int]], normalise: bool = True) -> int:
     return max(range(len(values)), key=lambda k: values[k])
 
 
-def score_mcq(model, tokenizer, items: list[dict], batch_size: int) -> dict[str, list[float]]:
+def score_mcq(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> tuple[dict[str, list[float]], list[str]]:
+    """Per-example accuracy (normalised and summed) and the option each example picks by the task's metric."""
     prompts = [_encode_prompt(tokenizer, it["messages"]) for it in items]
     scores = option_logprobs(model, tokenizer, prompts, [it["options"] for it in items], batch_size)
-    per_example = {"accuracy": [], "accuracy_sum": []}
+    per_example, picked = {"accuracy": [], "accuracy_sum": []}, []
     for it, option_scores in zip(items, scores):
         gold = it["options"].index(it["answer"])
         per_example["accuracy"].append(float(choose(option_scores, True) == gold))
         per_example["accuracy_sum"].append(float(choose(option_scores, False) == gold))
-    return per_example
+        picked.append(it["options"][choose(option_scores, task.metric == "accuracy")])
+    return per_example, picked
 
 
 # ---------------------------------------------------------------- generation
@@ -526,10 +528,10 @@ def regressions(result: dict) -> list[str]:
 
 
 def score_task(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> dict:
-    """Per-example scores of every metric for one model, plus qa predictions."""
+    """Per-example scores of every metric for one model, plus its predictions (the picked option, or the answer)."""
     started = time.perf_counter()
     if task.kind == "mcq":
-        per_example, predictions = score_mcq(model, tokenizer, items, batch_size), None
+        per_example, predictions = score_mcq(model, tokenizer, items, task, batch_size)
     else:
         per_example, predictions = score_qa(model, tokenizer, items, task, batch_size)
     return {"per_example": per_example, "predictions": predictions, "seconds": time.perf_counter() - started}
@@ -551,12 +553,20 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
         entry["regression"] = entry["ci95"][1] < 0
     else:
         entry.update(adapter=None, delta=None, ci95=None, regression=False)
-    if task.kind == "qa":
+    if task.kind == "mcq":
+        # How often each option is the answer and how often each model picks it: a model that
+        # scores by always picking one label shows here before it shows anywhere else.
+        entry["label_counts"] = {"gold": _counts(it["answer"] for it in items), **{label: _counts(r["predictions"]) for label, r in scored.items()}}
+    else:
         entry["examples"] = [
             {"id": it["id"], "answer": it["answer"], **{label: r["predictions"][i] for label, r in scored.items()}}
             for i, it in enumerate(items)
         ]
     return entry
+
+
+def _counts(labels) -> dict[str, int]:
+    return dict(sorted(Counter(labels).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _load_merged(folder: Path, recipe: Recipe):
@@ -677,6 +687,12 @@ def markdown(result: dict) -> str:
         f"qa: greedy answers). The 95% interval is a paired bootstrap of the delta over examples "
         f"({b['resamples']} resamples, seed {b['seed']}); REGRESSION marks an interval entirely below 0.",
     ]
+    picks = [
+        f"- `{name}`: " + "; ".join(f"{who} " + ", ".join(f"{option} {count}" for option, count in counts.items()) for who, counts in t["label_counts"].items())
+        for name, t in result["tasks"].items() if "label_counts" in t
+    ]
+    if picks:
+        lines += ["", "Options picked (gold = how often each is the answer):", "", *picks]
     found = regressions(result)
     if found:
         lines += ["", f"**Warning: the adapter regresses on {', '.join(found)}.**"]

@@ -51,9 +51,11 @@ def test_a_model_that_always_answers_the_majority_label_scores_exactly_the_major
     yes = tokenizer("yes", add_special_tokens=False)["input_ids"]
     assert len(yes) == 1
     model = AlwaysPrefers(yes[0], len(tokenizer))
-    scores = evaluate.score_mcq(model, tokenizer, classification_rows(labels), batch_size=4)
+    task = SimpleNamespace(metric="accuracy")
+    scores, picked = evaluate.score_mcq(model, tokenizer, classification_rows(labels), task, batch_size=4)
     assert evaluate.mean(scores["accuracy"]) == pytest.approx(0.7)
     assert evaluate.mean(scores["accuracy_sum"]) == pytest.approx(0.7)
+    assert picked == ["yes"] * 10
 
 
 def test_choose_normalises_by_option_length_and_breaks_ties_by_order():
@@ -344,7 +346,7 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
     assert written["suite"] == "mine"
     assert set(written["tasks"]) == {"sentiment", "tables"}
     for name, task in written["tasks"].items():
-        assert set(task) == TASK_KEYS | ({"examples"} if name == "tables" else set())
+        assert set(task) == TASK_KEYS | ({"examples"} if name == "tables" else {"label_counts"})
         assert task["n"] == {"sentiment": 6, "tables": 3}[name]
         assert task["metric"] == {"sentiment": "accuracy", "tables": "numeric_match"}[name]
         assert 0.0 <= task["base"] <= 1.0 and 0.0 <= task["adapter"] <= 1.0
@@ -353,6 +355,10 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
         assert low <= task["delta"] <= high
         assert task["regression"] == (high < 0)
     assert set(written["tasks"]["tables"]["examples"][0]) == {"id", "answer", "base", "adapter"}
+    counts = written["tasks"]["sentiment"]["label_counts"]
+    assert set(counts) == {"gold", "base", "adapter"}
+    assert all(sum(c.values()) == 6 for c in counts.values())
+    assert set(counts["base"]) | set(counts["adapter"]) <= {"positive", "negative", "neutral"}
     md = (out / "eval.md").read_text()
     assert "| task | metric | n | base | adapter | delta | 95% CI of delta |" in md
     assert "| sentiment | accuracy | 6 |" in md and "| tables | numeric_match | 3 |" in md
