@@ -101,6 +101,12 @@ class DataSection(Section):
     max_length: int = Field(1024, gt=8, description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer).")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss (deterministic by seed).")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed record stops the run ('error') or is skipped and counted ('skip').")
+    explanations: bool = Field(
+        True,
+        description="Multiple-choice rows: the answer label is followed by the source's explanation (rationale, evidence) "
+        "in SFT rows and chosen DPO responses; false trains the label alone, so all of the loss is on the answer that "
+        "evaluation scores.",
+    )
 
 
 class TrainSection(Section):

@@ -100,3 +100,18 @@ def test_token_cache_is_keyed_by_everything_that_changes_tokens(tmp_path, tokeni
     other.chat_template = original
     other.pad_token = "<|im_start|>"  # a different pad token changes the fingerprint
     assert build.build(recipe, other).stats["cache_hit"] is False
+
+
+def test_explanations_false_trains_the_answer_label_alone(tmp_path, tokenizer):
+    rows = tmp_path / "mcq.jsonl"
+    rows.write_text(json.dumps({"question": "Which is a fruit?", "options": {"A": "apple", "B": "brick"},
+                                "answer": "A", "explanation": "An apple grows on a tree."}) + "\n")
+    source = {"path": str(rows), "reader": "mcq_jsonl"}
+    with_reason = build.build(recipe_for(source), tokenizer).train[0]
+    label_only = build.build(recipe_for(source, explanations=False), tokenizer).train[0]
+    trained = [t for t in label_only["labels"] if t != build.IGNORE]
+    assert tokenizer.decode(trained) == "A<|im_end|>"
+    assert tokenizer.decode([t for t in with_reason["labels"] if t != build.IGNORE]) == "A\n\nAn apple grows on a tree.<|im_end|>"
+    # The prompt is the same either way: only the answer turn changes.
+    prompt = [t for t, label in zip(label_only["input_ids"], label_only["labels"]) if label == build.IGNORE]
+    assert prompt == [t for t, label in zip(with_reason["input_ids"], with_reason["labels"]) if label == build.IGNORE][: len(prompt)]

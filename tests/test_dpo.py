@@ -92,6 +92,8 @@ def test_multiple_choice_rows_become_pairs_against_each_distractor(tmp_path, tok
     assert sorted(p["rejected"][0]["content"] for p in pairs) == ["B", "C"]
     assert {p["chosen"][0]["content"] for p in pairs} == {"A\n\nAn apple grows on a tree."}
     assert pairs[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    recipe.data.explanations = False
+    assert {p["chosen"][0]["content"] for p in build_preferences(recipe, tokenizer).train} == {"A"}
 
 
 def test_a_malformed_preference_row_is_one_clear_line(tmp_path, tokenizer):

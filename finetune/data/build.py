@@ -85,12 +85,12 @@ def _mixed(data: DataSection, seed: int, convert) -> tuple[list[dict], dict]:
 
 def chat_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
     """Chat rows for SFT: {"messages": [...]}."""
-    return _mixed(data, seed, lambda row, kind: [formats.to_sft(row, kind, data.system_prompt)])
+    return _mixed(data, seed, lambda row, kind: [formats.to_sft(row, kind, data.system_prompt, data.explanations)])
 
 
 def preference_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
     """Preference pairs for DPO: {"prompt", "chosen", "rejected"} message lists."""
-    return _mixed(data, seed, lambda row, kind: formats.to_preferences(row, kind, data.system_prompt))
+    return _mixed(data, seed, lambda row, kind: formats.to_preferences(row, kind, data.system_prompt, data.explanations))
 
 
 def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:

@@ -166,7 +166,7 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return list(messages)
 
 
-def to_preferences(row: dict, kind: str, system_prompt: str | None = None) -> list[dict]:
+def to_preferences(row: dict, kind: str, system_prompt: str | None = None, with_explanation: bool = True) -> list[dict]:
     """Preference pairs for DPO: preference rows as they are; an mcq row gives one pair per distractor,
     the correct answer (with its explanation) chosen over the distractor's label."""
     if kind == "preference":
@@ -174,7 +174,7 @@ def to_preferences(row: dict, kind: str, system_prompt: str | None = None) -> li
     if kind != "mcq":
         raise FinetuneError(f"train.method dpo needs preference pairs, and a {kind} reader gives none; use a preference reader or a multiple-choice source")
     prompt = _with_system([{"role": "user", "content": mcq_prompt(row)}], system_prompt)
-    chosen = [{"role": "assistant", "content": mcq_answer(row)}]
+    chosen = [{"role": "assistant", "content": mcq_answer(row, with_explanation)}]
     return [
         {"prompt": prompt, "chosen": chosen, "rejected": [{"role": "assistant", "content": label}]}
         for label in row["options"]
