@@ -21,7 +21,7 @@ for name in "${domains[@]}"; do
     case $name in
       # All 499 PQA-L items outside the official 500 test PMIDs (one is over max_length), one epoch.
       medical) run medical "data.sources=[{path: $shared/medical/pubmedqa/ori_pqal.json, reader: pubmedqa}]" train.epochs=1 ;;
-      # 300 of the 1,037 (NDA, hypothesis) pairs of ContractNLI's dev split.; the label alone (with the evidence it scored -0.004, README "Results")
+      # 300 of the 1,037 (NDA, hypothesis) pairs of ContractNLI's dev split, the label alone (with the evidence it scored -0.004, README "Results")
       legal) run legal "data.sources=[{path: $shared/legal/contract-nli/dev.json, reader: contractnli, limit: 300}]" data.explanations=false ;;
       # 150 of TAT-QA's 1,668 dev questions (greedy decoding makes its eval the slow part).
       finance) run finance "data.sources=[{path: $shared/finance/tat-qa/tatqa_dataset_dev.json, reader: tatqa, limit: 150}]" ;;
