@@ -168,7 +168,7 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 
 def to_preferences(row: dict, kind: str, system_prompt: str | None = None, with_explanation: bool = True) -> list[dict]:
     """Preference pairs for DPO: preference rows as they are; an mcq row gives one pair per distractor,
-    the correct answer (with its explanation) chosen over the distractor's label."""
+    the correct answer (with its explanation unless `with_explanation` is false) chosen over the distractor's label."""
     if kind == "preference":
         return [{"prompt": _with_system(row["prompt"], system_prompt), "chosen": row["chosen"], "rejected": row["rejected"]}]
     if kind != "mcq":
