@@ -265,6 +265,17 @@ def training_chat_template(tokenizer, choice: str) -> str:
     )
 
 
+def _keep_nf4_compute_dtype(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks nf4 weights at the first no-grad eval forward and computes in
+    bfloat16 from then on, whatever bnb_4bit_compute_dtype says. Training never takes that path, so evaluation and the
+    QLoRA merge check would score a different model than the one trained (max |Δlogit| 0.35 on the tiny test Llama)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load(section: ModelSection, for_training: bool = True):
     """Load (model, tokenizer) for the recipe's model section."""
     from transformers import AutoModelForCausalLM
@@ -300,6 +311,8 @@ def load(section: ModelSection, for_training: bool = True):
         raise _hub_error(section.base, e, source) from None
     if quant is None and device() == "cuda" and not distributed.sharded():
         model.to(f"cuda:{distributed.local_rank()}")
+    if section.quantization == "nf4" and device() == "cpu":
+        _keep_nf4_compute_dtype(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if for_training:
