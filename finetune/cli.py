@@ -93,7 +93,7 @@ def _run_suite(recipe) -> str | None:
 def cmd_eval(args) -> int:
     from finetune import evaluate
 
-    report_eval(evaluate.run(args.target, suite=args.suite, n=args.n))
+    report_eval(evaluate.run(args.target, suite=args.suite, n=args.n, cache=not args.no_cache))
     return 0
 
 
@@ -341,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
     evaluation.add_argument("target", help="a finished run folder, or a recipe name/path (scores the base model only)")
     evaluation.add_argument("--suite", help="suite name in evals/ or a .yaml path (default: the recipe's domain suite)")
     evaluation.add_argument("-n", type=int, default=None, help="score at most N examples per task")
+    evaluation.add_argument("--no-cache", action="store_true", help="score the base model again instead of reusing its cached scores on the same prompts")
     evaluation.set_defaults(func=cmd_eval)
 
     recipes = commands.add_parser("recipes", help="list, show or document recipes").add_subparsers(dest="action", required=True, metavar="ACTION")

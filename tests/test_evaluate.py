@@ -4,6 +4,7 @@ and a run's report has exactly the shape the model card reads."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,6 +93,15 @@ def test_batched_right_padded_scores_equal_unpadded_forward_passes(tiny_model, t
                 option = tokenizer(label, add_special_tokens=False)["input_ids"]
                 assert count == len(option)
                 assert total == pytest.approx(_reference_logprob(tiny_model, prompt, option), abs=1e-4)
+
+
+def test_batched_greedy_answers_come_back_in_order_and_equal_one_at_a_time(tiny_model, tokenizer):
+    lengths = [3, 40, 1, 25, 8]  # batches are formed longest first, so the order is mixed on purpose
+    conversations = [[{"role": "user", "content": f"Row {i}: " + "more words " * n}] for i, n in enumerate(lengths)]
+    batched = evaluate.generate_batch(tiny_model, tokenizer, conversations, max_new_tokens=6, batch_size=2)
+    alone = [evaluate.generate_batch(tiny_model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in conversations]
+    assert batched == alone
+    assert len(set(alone)) > 1  # the prompts really get different answers, so an order mix-up would show
 
 
 def test_shuffling_the_option_order_does_not_change_the_score(tiny_model, tokenizer):
@@ -320,7 +330,7 @@ def test_a_recipe_finds_the_suite_of_its_domain():
 # ---------------------------------------------------------------- a whole run
 
 
-TASK_KEYS = {"n", "metric", "kind", "shots", "base", "adapter", "delta", "ci95", "regression", "metrics", "seconds", "seconds_per_example"}
+TASK_KEYS = {"n", "metric", "kind", "shots", "base", "adapter", "delta", "ci95", "regression", "metrics", "seconds", "seconds_per_example", "cached"}
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +398,68 @@ def test_a_merged_folder_is_scored_too_and_matches_the_adapter(tiny_run):
     for task in result["tasks"].values():
         assert task["merged"] == pytest.approx(task["adapter"])
     assert "| adapter | merged | delta |" in evaluate.table(result).splitlines()[0]
+
+
+def test_base_scores_are_reused_from_the_cache_on_the_same_prompts(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    out, suite = tiny_run
+    first = evaluate.run(out, suite=str(suite))
+    assert all(t["cached"] == [] for t in first["tasks"].values())
+    entries = sorted((tmp_path / "eval").glob("base-*.json"))
+    assert len(entries) == 2  # one per task
+    again = evaluate.run(out, suite=str(suite))
+    for name, task in again["tasks"].items():
+        assert task["cached"] == ["base"]
+        assert task["metrics"] == first["tasks"][name]["metrics"]
+    assert "Base scores of sentiment, tables were reused" in (out / "eval.md").read_text()
+    # What is read back is really what the next report uses: a doctored entry shows in the base score...
+    for entry in entries:
+        scored = json.loads(entry.read_text())
+        scored["per_example"] = {metric: [1.0] * len(values) for metric, values in scored["per_example"].items()}
+        entry.write_text(json.dumps(scored))
+    doctored = evaluate.run(out, suite=str(suite))
+    assert {t["base"] for t in doctored["tasks"].values()} == {1.0}
+    # ...and --no-cache scores the base again, as the first run did.
+    fresh = evaluate.run(out, suite=str(suite), cache=False)
+    for name, task in fresh["tasks"].items():
+        assert task["cached"] == [] and task["metrics"] == first["tasks"][name]["metrics"]
+
+
+def test_the_base_score_cache_key_changes_with_everything_that_changes_the_scores(tiny_run, tmp_path):
+    from finetune.inference import run_recipe
+    from finetune.model import load_tokenizer
+
+    out, suite_path = tiny_run
+    recipe = run_recipe(out)
+    tokenizer = load_tokenizer(recipe.model.base, recipe.model)
+    suite = evaluate.load_suite(str(suite_path))
+    task = suite.tasks["tables"]
+    items = evaluate.examples(task, "system A")
+
+    def key(recipe=recipe, task=task, items=items, batch_size=8, tokenizer=tokenizer):
+        return evaluate.base_cache_file(recipe, tokenizer, task, items, batch_size)
+
+    reference = key()
+    assert reference == key()  # deterministic
+    other_template = load_tokenizer(recipe.model.base, recipe.model)
+    other_template.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    changed = {
+        "prompts": key(items=evaluate.examples(task, "system B")),
+        "task": key(task=task.model_copy(update={"max_new_tokens": 5})),
+        "batch size": key(batch_size=4),
+        "quantization": key(recipe=recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "nf4"})})),
+        "chat template": key(tokenizer=other_template),
+    }
+    assert all(path != reference for path in changed.values()), changed
+    # New weights in the same folder are a new base.
+    weights = next(Path(recipe.model.base).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert key() != reference
+    # A Hub id is pinned only by a full commit hash: a branch name can move.
+    hub = recipe.model_copy(update={"model": recipe.model.model_copy(update={"base": "org/model", "revision": "main"})})
+    assert key(recipe=hub) is None
+    pinned = recipe.model_copy(update={"model": recipe.model.model_copy(update={"base": "org/model", "revision": "a" * 40})})
+    assert key(recipe=pinned) is not None
 
 
 def test_regressions_are_marked_in_the_table():
