@@ -59,7 +59,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_every_reader_is_registered_with_a_card_and_license():
     expected = {"messages", "pubmedqa", "medmcqa", "sharegpt", "alpaca", "prompt_completion", "mmlu_csv", "mcq_jsonl", "preference",
-                "preference_messages", "hh_rlhf", "contractnli", "cuad", "legalbench", "tatqa", "convfinqa", "phrasebank"}
+                "preference_messages", "hh_rlhf", "contractnli", "cuad", "legalbench", "tatqa", "tatqa_conversation", "convfinqa", "phrasebank"}
     assert expected <= set(READERS)
     for reader in READERS.values():
         assert reader.kind in formats.KINDS and reader.description
@@ -210,6 +210,8 @@ def test_tatqa_on_real_data():
     dev = rows_of("tatqa", shared_data("finance/tat-qa/tatqa_dataset_dev.json"))
     test = rows_of("tatqa", shared_data("finance/tat-qa/tatqa_dataset_test_gold.json"))
     assert (len(dev), len(test)) == (1668, 1663)
+    reports = rows_of("tatqa_conversation", shared_data("finance/tat-qa/tatqa_dataset_dev.json"))
+    assert len(reports) == 278 and sum(1 + len(r["history"]) // 2 for r in reports) == 1668
     assert Counter(r["scale"] for r in dev) == {None: 794, "thousand": 345, "percent": 268, "million": 254, "billion": 7}
     # Spans stay verbatim (the report prints "27.0"); computed numbers lose a trailing .0 (see the sample test).
     assert Counter(r["answer"] for r in dev)["27.0"] == 1
@@ -347,6 +349,26 @@ def test_tatqa_sample():
     assert rows[8]["context"].startswith(
         "|  | Total | 2024 | 2025 | 2026 and after |\n| --- | --- | --- | --- | --- |\n| Term loan | $ 450.0 | $ 50.0 | $ 100.0 | $ 300.0 |"
     )
+
+
+def test_tatqa_conversation_trains_every_question_of_a_report_in_one_row(tokenizer):
+    from finetune.data.build import tokenize
+
+    path = SAMPLES / "finance/tat-qa/tatqa_sample.json"
+    single = rows_of("tatqa", path)
+    reports = rows_of("tatqa_conversation", path)
+    assert len(reports) == 4 and sum(1 + len(r["history"]) // 2 for r in reports) == len(single) == 17
+    first = reports[0]
+    messages = formats.to_sft(first, "qa", "SYS")["messages"]
+    # The first turn is exactly the prompt `tatqa` (and evaluation) gives the report's first question.
+    assert messages[:3] == formats.to_sft(single[0], "qa", "SYS")["messages"]
+    assert all(m["content"].startswith("Question: ") for m in messages[3::2])
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert answers == ["48,210 thousand", "new enterprise customers in Europe, higher renewal rates", "5185 thousand", "-15.61%"]
+    # Every answer (and its end-of-turn) is trained; nothing else is.
+    tokens = tokenize(tokenizer, messages)
+    trained = tokenizer.decode([t for t in tokens["labels"] if t != -100])
+    assert trained == "".join(f"{a}<|im_end|>" for a in answers)
 
 
 def test_phrasebank_sample_is_latin1():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from finetune.data import readers, sources
-from finetune.data.formats import bad_row, qa_prompt
+from finetune.data.formats import bad_row, qa_answer, qa_prompt
 from finetune.errors import FinetuneError
 
 TATQA_SCALES = ("", "thousand", "million", "billion", "percent")
@@ -88,6 +88,34 @@ def tatqa_convert(record: dict, where: str, source: readers.Source) -> dict:
         "scale": scale or None,
         "history": [],
     }
+
+
+def tatqa_conversation_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+    """Every context (one report table and its paragraphs) with all of its questions."""
+    path = sources.local_path(source.path, source.hub, "tatqa_conversation")
+    data = sources.read_json(path)
+    if not isinstance(data, list):
+        raise FinetuneError(f"{path}: expected TAT-QA's layout (a list of contexts with table, paragraphs, questions), found a {type(data).__name__}")
+    for index, context in enumerate(data):
+        yield f"{path}: context {index}", context
+
+
+def tatqa_conversation_convert(record: dict, where: str, source: readers.Source) -> dict:
+    """A context's questions, in TAT-QA's order, as one conversation: the first user turn is exactly the
+    `tatqa` reader's prompt for the first question (table, paragraphs, question); every later question
+    is a follow-up turn. Every answer is trained, and the report's text is read once, not once per question."""
+    questions = record.get("questions") if isinstance(record, dict) else None
+    if not isinstance(questions, list) or not questions:
+        raise bad_row(where, "questions", "a non-empty list of questions", questions)
+    ordered = sorted(questions, key=lambda q: q.get("order", 0) if isinstance(q, dict) else 0)
+    rows = [tatqa_convert({"context": record, "question": q}, f"{where}, question {q.get('uid') if isinstance(q, dict) else i}", source)
+            for i, q in enumerate(ordered)]
+    history = []
+    for turn, row in enumerate(rows[:-1]):
+        history += [{"role": "user", "content": qa_prompt({"context": row["context"] if turn == 0 else None, "question": row["question"]})},
+                    {"role": "assistant", "content": qa_answer(row)}]
+    last = rows[-1]
+    return {**last, "id": f"tatqa-context-{record.get('table', {}).get('uid', where)}", "context": None if history else last["context"], "history": history}
 
 
 # ---------------------------------------------------------------- ConvFinQA
@@ -181,6 +209,18 @@ readers.register(
         convert=tatqa_convert,
         description="TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its scale; "
         "the table is rendered as Markdown, span lists joined with ', '.",
+        card="finance/tatqa.md",
+        license="CC BY 4.0",
+    )
+)
+readers.register(
+    readers.Reader(
+        name="tatqa_conversation",
+        kind="qa",
+        records=tatqa_conversation_records,
+        convert=tatqa_conversation_convert,
+        description="TAT-QA for training: each report's questions as one conversation (the table and paragraphs in the first user "
+        "turn, as `tatqa` renders them; the other questions as follow-ups), so every answer is trained for one pass over the report.",
         card="finance/tatqa.md",
         license="CC BY 4.0",
     )
