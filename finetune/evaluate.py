@@ -27,15 +27,15 @@ import glob
 import hashlib
 import importlib.metadata
 import json
-import os
 import logging
 import math
+import os
 import random
 import re
 import string
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import suppress
 from pathlib import Path
 from typing import Literal
 
@@ -573,7 +573,7 @@ def base_cache_file(recipe: Recipe, tokenizer, task: Task, items: list[dict], ba
         recipe.model.model_dump_json(include={"quantization", "double_quant", "attn_implementation"}),
         str(model_lib.compute_dtype(recipe.model)),
         model_lib.device(),
-        json.dumps({name: importlib.metadata.version(name) for name in ("torch", "transformers", "bitsandbytes")}, sort_keys=True),
+        json.dumps({name: _version(name) for name in ("torch", "transformers", "bitsandbytes")}, sort_keys=True),
         tokenizer_fingerprint(tokenizer),
         tokenizer.chat_template,
         task.model_dump_json(),
@@ -583,6 +583,13 @@ def base_cache_file(recipe: Recipe, tokenizer, task: Task, items: list[dict], ba
         digest.update(part.encode())
         digest.update(b"\0")
     return model_lib.cache_dir() / "eval" / f"base-{digest.hexdigest()[:24]}.json"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _read_cached(path: Path | None) -> dict | None:
@@ -597,10 +604,15 @@ def _read_cached(path: Path | None) -> dict | None:
 def _write_cached(path: Path | None, scored: dict) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(scored))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(scored))
+        tmp.replace(path)
+    except OSError as e:  # a cache that cannot be written costs the next run time, never this run's report
+        with suppress(OSError):
+            tmp.unlink()
+        log.warning("could not cache the base scores in %s (%s); the next evaluation scores the base again", path.parent, e.strerror or e)
 
 
 def score_base(model, tokenizer, recipe: Recipe, name: str, task: Task, items: list[dict], batch_size: int, cache: bool) -> dict:
