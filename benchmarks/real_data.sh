@@ -24,7 +24,7 @@ for name in "${domains[@]}"; do
       # All 1,037 (NDA, hypothesis) pairs of ContractNLI's dev split, the label alone (the recipe's default), one epoch.
       legal) run legal "data.sources=[{path: $shared/legal/contract-nli/dev.json, reader: contractnli}]" ;;
       # All 1,668 TAT-QA dev questions as 278 report conversations (2 longer than 2,048 tokens are dropped), two epochs.
-      finance) run finance "data.sources=[{path: $shared/finance/tat-qa/tatqa_dataset_dev.json, reader: tatqa_conversation}]" data.max_length=2048 train.epochs=2 train.learning_rate=2e-4 ;;
+      finance) run finance "data.sources=[{path: $shared/finance/tat-qa/tatqa_dataset_dev.json, reader: tatqa_conversation}]" ;;
       *) echo "real_data.sh: unknown domain $name (medical, legal, finance)" >&2; exit 2 ;;
     esac
 done
