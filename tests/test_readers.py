@@ -58,7 +58,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_every_reader_is_registered_with_a_card_and_license():
-    expected = {"messages", "pubmedqa", "medmcqa", "sharegpt", "alpaca", "prompt_completion", "mmlu_csv", "mcq_jsonl", "preference",
+    expected = {"messages", "pubmedqa", "pubmedqa_reasoning_free", "medmcqa", "sharegpt", "alpaca", "prompt_completion", "mmlu_csv", "mcq_jsonl", "preference",
                 "preference_messages", "hh_rlhf", "contractnli", "cuad", "legalbench", "tatqa", "tatqa_conversation", "convfinqa", "phrasebank"}
     assert expected <= set(READERS)
     for reader in READERS.values():
@@ -285,6 +285,18 @@ def test_pubmedqa_sample():
     assert (len(train), len(test)) == (30, 10)
     assert answers(train) == {"yes": 16, "no": 10, "maybe": 4} and answers(test) == {"yes": 6, "no": 3, "maybe": 1}
     assert all(len(r["id"]) == len("pubmedqa-") + 8 for r in train + test)
+
+
+def test_pubmedqa_reasoning_free_asks_the_question_of_the_conclusion_on_the_same_splits():
+    path = SAMPLES / "medical/pubmedqa/ori_pqal.json"
+    required = {r["id"].removeprefix("pubmedqa-"): r for r in rows_of("pubmedqa", path)}
+    free = rows_of("pubmedqa_reasoning_free", path)
+    assert sorted(r["id"].removeprefix("pubmedqa-conclusion-") for r in free) == sorted(required)
+    for row in free:
+        same = required[row["id"].removeprefix("pubmedqa-conclusion-")]
+        assert row["context"] == same["explanation"] and row["explanation"] is None
+        assert (row["question"], row["answer"], row["options"]) == (same["question"], same["answer"], same["options"])
+    assert len(rows_of("pubmedqa_reasoning_free", path, split="test")) == 10
 
 
 def test_medmcqa_sample():

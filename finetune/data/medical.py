@@ -61,6 +61,15 @@ def pubmedqa_convert(record: dict, where: str, source: readers.Source) -> dict:
     }
 
 
+def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.Source) -> dict:
+    """PubMedQA's reasoning-free setting: the question asked of the abstract's conclusion (LONG_ANSWER)
+    instead of its other sections, so the label follows from a sentence that states the finding."""
+    row = pubmedqa_convert(record, where, source)
+    if row["explanation"] is None:
+        raise bad_row(where, "LONG_ANSWER", "a non-empty string (the conclusion this setting reads)", record.get("LONG_ANSWER"))
+    return {**row, "id": f"pubmedqa-conclusion-{record['pmid']}", "context": row["explanation"], "explanation": None}
+
+
 def medmcqa_convert(record: dict, where: str, source: readers.Source) -> dict:
     if not isinstance(record, dict):
         raise bad_row(where, "(record)", "an object with question, options, answer_idx", record)
@@ -107,6 +116,19 @@ readers.register(
         convert=pubmedqa_convert,
         description="PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. "
         "Splits: train (non-test PMIDs), test (the 500 official test PMIDs), all.",
+        card="medical/pubmedqa.md",
+        license="MIT",
+    )
+)
+
+readers.register(
+    readers.Reader(
+        name="pubmedqa_reasoning_free",
+        kind="mcq",
+        records=pubmedqa_records,
+        convert=pubmedqa_reasoning_free_convert,
+        description="PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> yes / no / maybe "
+        "(extra training rows beside `pubmedqa`; evaluate with `pubmedqa`). Same splits.",
         card="medical/pubmedqa.md",
         license="MIT",
     )
