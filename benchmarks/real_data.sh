@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's "Results" runs: each domain recipe trained on a real data set from ../shared/data
 # and evaluated, base vs adapter, on held-out real data (evals/real/*.yaml). CPU, embedded model.
-#   bash benchmarks/real_data.sh [medical] [legal] [finance]     (default: all three, ~6 hours on 2 cores)
+#   bash benchmarks/real_data.sh [medical] [legal] [finance]     (default: all three, ~3.5 hours on 2 cores)
 # Runs go to runs/real/NAME/ (eval.md is the table); the data sets are read in place, never copied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
