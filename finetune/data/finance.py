@@ -40,19 +40,25 @@ def markdown_table(rows: list[list]) -> str:
 # ---------------------------------------------------------------- TAT-QA
 
 
-def tatqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
-    """Every question of every context (a context = one report table and its paragraphs)."""
-    path = sources.local_path(source.path, source.hub, "tatqa")
+def _tatqa_contexts(source: readers.Source, reader: str) -> Iterator[tuple[str, object]]:
+    """Every context (one report table and its paragraphs) of a TAT-QA file, with where it is."""
+    path = sources.local_path(source.path, source.hub, reader)
     data = sources.read_json(path)
     if not isinstance(data, list):
         raise FinetuneError(f"{path}: expected TAT-QA's layout (a list of contexts with table, paragraphs, questions), found a {type(data).__name__}")
     for index, context in enumerate(data):
+        yield f"{path}: context {index}", context
+
+
+def tatqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+    """Every question of every context."""
+    for where, context in _tatqa_contexts(source, "tatqa"):
         questions = context.get("questions") if isinstance(context, dict) else None
         if not isinstance(questions, list):
-            raise FinetuneError(f"{path}: context {index}: expected a 'questions' list; fix or re-download the file")
+            raise FinetuneError(f"{where}: expected a 'questions' list; fix or re-download the file")
         for number, question in enumerate(questions):
             uid = question.get("uid", number) if isinstance(question, dict) else number
-            yield f"{path}: context {index}, question {uid}", {"context": context, "question": question}
+            yield f"{where}, question {uid}", {"context": context, "question": question}
 
 
 def _tatqa_context(context: dict, where: str) -> str:
@@ -91,13 +97,8 @@ def tatqa_convert(record: dict, where: str, source: readers.Source) -> dict:
 
 
 def tatqa_conversation_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
-    """Every context (one report table and its paragraphs) with all of its questions."""
-    path = sources.local_path(source.path, source.hub, "tatqa_conversation")
-    data = sources.read_json(path)
-    if not isinstance(data, list):
-        raise FinetuneError(f"{path}: expected TAT-QA's layout (a list of contexts with table, paragraphs, questions), found a {type(data).__name__}")
-    for index, context in enumerate(data):
-        yield f"{path}: context {index}", context
+    """Every context with all of its questions."""
+    yield from _tatqa_contexts(source, "tatqa_conversation")
 
 
 def tatqa_conversation_convert(record: dict, where: str, source: readers.Source) -> dict:
