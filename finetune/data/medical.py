@@ -128,7 +128,7 @@ readers.register(
         records=pubmedqa_records,
         convert=pubmedqa_reasoning_free_convert,
         description="PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> yes / no / maybe "
-        "(extra training rows beside `pubmedqa`; evaluate with `pubmedqa`). Same splits.",
+        "(training rows that teach the mapping; the headline score stays `pubmedqa`'s). Same splits.",
         card="medical/pubmedqa.md",
         license="MIT",
     )
