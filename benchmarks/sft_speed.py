@@ -85,7 +85,7 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path) -> di
 
 
 def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides: list[str]) -> dict:
-    from finetune import recipe as recipe_lib, report, train
+    from finetune import recipe as recipe_lib, runs, train
 
     recipe = recipe_lib.load("medical", [
         f"data.sources=[{{path: {rows_file}, reader: messages}}]", "data.system_prompt=null", "data.max_length=1024",
@@ -97,7 +97,7 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
     ])
     out = train.run(recipe)
     summary = json.loads((out / "run.json").read_text())
-    losses = [r["loss"] for r in report.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in runs.read_metrics(out / "metrics.jsonl") if "loss" in r]
     return {"train_runtime_s": summary["train_runtime_s"], "losses": losses, "padding_fraction": summary["padding_fraction"]}
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-IGNORE = -100
+from finetune.data.build import IGNORE
 
 
 class EpochSeededLengthGroupedSampler(Sampler):

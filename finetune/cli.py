@@ -35,27 +35,25 @@ def _recipe(args):
 
 
 def cmd_run(args) -> int:
-    from finetune import evaluate, train
+    from finetune import pipeline
 
     recipe = _recipe(args)
-    suite = _run_suite(recipe)
     if args.distributed and distributed.world_size() == 1:
+        pipeline.eval_suite(recipe)  # a wrong suite name fails before any process starts
         return _launch(args)
-    out = train.run(recipe, overwrite=args.overwrite)
-    if not distributed.is_main():
+    outcome = pipeline.run(recipe, overwrite=args.overwrite)
+    if outcome is None:
         return 0
-    summary = json.loads((out / "run.json").read_text())
-    print(f"trained: {out}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
+    summary = outcome.summary
+    print(f"trained: {outcome.run_dir}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
           f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB")
-    # Scored before merging: the merge's own parity check shows the merged model equals base + adapter.
-    evaluation = evaluate.run(out, suite=suite, n=recipe.eval.n) if suite else None
-    if recipe.export.merge:
-        cmd_merge(argparse.Namespace(run_dir=out, output=None, target=recipe.export.merge_target))
-    if recipe.export.gguf:
-        cmd_export(argparse.Namespace(run_dir=out, gguf=recipe.export.gguf, output=None, no_verify=False))
-    print(f"try it: finetune generate {out} \"your question\"")
-    if evaluation:
-        report_eval(evaluation)
+    if outcome.merge:
+        print_merge(outcome.merge)
+    if outcome.gguf:
+        print_export(outcome.gguf)
+    print(f"try it: finetune generate {outcome.run_dir} \"your question\"")
+    if outcome.evaluation:
+        report_eval(outcome.evaluation)
     return 0
 
 
@@ -75,42 +73,27 @@ def _launch(args) -> int:
     return subprocess.run(command).returncode
 
 
-def _run_suite(recipe) -> str | None:
-    """The eval suite `finetune run` ends with, or None when the recipe asks for none (or 'auto' finds none)."""
-    from finetune import evaluate
-
-    if recipe.eval.suite != "auto":
-        if recipe.eval.suite is not None:
-            evaluate.load_suite(recipe.eval.suite, given_as="eval.suite")  # a wrong name fails now, not after training
-        return recipe.eval.suite
-    try:
-        return evaluate.suite_for(recipe)
-    except FinetuneError:
-        log.info("no eval suite for recipe %s; skipping evaluation (set eval.suite to choose one)", recipe.name)
-        return None
-
-
 def cmd_eval(args) -> int:
-    from finetune import evaluate
+    from finetune import eval as evaluation
 
-    report_eval(evaluate.run(args.target, suite=args.suite, n=args.n, cache=not args.no_cache))
+    report_eval(evaluation.run(args.target, suite=args.suite, n=args.n, cache=not args.no_cache))
     return 0
 
 
 def report_eval(result: dict) -> None:
     """The table, then a warning naming every task the adapter made worse: the last thing the user sees."""
-    from finetune import evaluate
+    from finetune.eval import regressions, table
 
-    print(evaluate.table(result))
-    found = evaluate.regressions(result)
+    print(table(result))
+    found = regressions(result)
     if found:
         print(f"WARNING: the adapter regresses on {', '.join(found)} (95% CI of the delta below 0)", file=sys.stderr)
 
 
 def cmd_recipes_list(args) -> int:
-    from finetune import recipe
+    from finetune import config, recipe
 
-    for folder in recipe.recipe_dirs():
+    for folder in config.folders(recipe.KIND):
         for path in sorted(folder.glob("*.yaml")):
             try:
                 loaded = recipe.load(str(path))
@@ -159,18 +142,12 @@ def cmd_data_info(args) -> int:
     return 0
 
 
-def _tokenizer_for(recipe):
-    from finetune import model
-
-    source, hub_kwargs = model.resolve(recipe.model)
-    return model.load_tokenizer(source, recipe.model, hub_kwargs)
-
-
 def cmd_data_preview(args) -> int:
+    from finetune import model
     from finetune.data import build
 
     recipe = _recipe(args)
-    tokenizer = _tokenizer_for(recipe)
+    tokenizer = model.tokenizer_for(recipe.model)
     rows, stats = build.chat_rows(recipe.data, recipe.train.seed)
     color = sys.stdout.isatty()
     for index, row in enumerate(rows[: args.n]):
@@ -227,17 +204,18 @@ def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> str:
 
 
 def cmd_data_stats(args) -> int:
+    from finetune import model, runs
     from finetune.data import build
 
     recipe = _recipe(args)
-    tokenizer = _tokenizer_for(recipe)
+    tokenizer = model.tokenizer_for(recipe.model)
     built = build.build(recipe, tokenizer)
     lengths = built.stats.pop("lengths")
     stats = {**built.stats, "max_length": recipe.data.max_length,
              "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1]}
     text = json.dumps(stats, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        runs.write_text(Path(args.output), text + "\n")
         print(f"wrote {args.output}")
     else:
         print(text)
@@ -274,28 +252,36 @@ def cmd_chat(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from finetune import export
+    from finetune import merge
 
-    report = export.merge(args.run_dir, args.output, args.target)
-    print(f"merged into {report['output']} (target: {report['target']}): max |Δlogit| vs base+adapter "
-          f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.3f}")
-    for name, figures in (report.get("targets") or {}).items():
-        print(f"  {name:<12} vs the trained nf4 model: max |Δlogit| {figures['max_abs_logit_diff']:.3g}, "
-              f"top-1 agreement {figures['top1_agreement']:.3f}")
+    print_merge(merge.merge(args.run_dir, args.output, args.target))
     return 0
 
 
-def cmd_export(args) -> int:
-    from finetune import export
+def print_merge(report: dict) -> None:
+    print(f"merged into {report['output']} (target: {report['target']}): max |Δlogit| vs base+adapter "
+          f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.3f}")
+    for name, figures in (report.get("targets") or {}).items():
+        print(f"  {name:<12} vs the trained nf4 model: max |Δlogit| {figures['vs_trained']['max_abs_logit_diff']:.3g}, "
+              f"top-1 agreement {figures['vs_trained']['top1_agreement']:.3f}")
 
-    path = export.export_gguf(args.run_dir, args.gguf, args.output, verify=not args.no_verify)
-    figures = json.loads((path.parent / "export.json").read_text())["files"][path.name]
+
+def cmd_export(args) -> int:
+    from finetune import gguf
+
+    print_export(gguf.export(args.run_dir, args.gguf, args.output, verify=not args.no_verify))
+    return 0
+
+
+def print_export(path: Path) -> None:
+    from finetune import runs
+
+    figures = runs.read_json(path.parent / "export.json")["files"][path.name]
     print(f"wrote {path} and {path.parent / figures['modelfile']}")
     if "max_abs_logit_diff" in figures:
         print(f"  read back: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g}, "
               f"greedy text agreement {figures['greedy_text_agreement']:.2f}, tokenization agreement {figures['tokenization_agreement']:.2f}")
     print(f"  ollama create NAME -f {path.parent / figures['modelfile']}")
-    return 0
 
 
 def cmd_push(args) -> int:

@@ -7,7 +7,6 @@ reads, prints or writes it.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
+from finetune import runs
+from finetune.config import resolve_path
 from finetune.errors import FinetuneError
-from finetune.export import read_json
-from finetune.inference import run_recipe
-from finetune.recipe import Recipe, resolve_path, to_yaml
+from finetune.recipe import Recipe, to_yaml
 
 log = logging.getLogger("finetune.hub")
 
@@ -41,7 +40,6 @@ DOMAIN_WARNINGS = {
     "legal": "It is **not legal advice**: it does not know your jurisdiction or facts, and a qualified lawyer must check anything it says before anyone relies on it.",
     "finance": "It is **not financial advice**: do not base investment, credit or tax decisions on it; a qualified professional must check anything it says.",
 }
-VERSIONED = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "gguf", "huggingface_hub")
 
 
 def _is_hub_id(base: str) -> bool:
@@ -121,7 +119,7 @@ def _data_section(recipe: Recipe) -> list[str]:
 
 
 def _eval_section(run_dir: Path) -> list[str]:
-    report = read_json(run_dir / "eval.json")
+    report = runs.read_json(runs.RunFolder(run_dir).eval_json)
     tasks = (report or {}).get("tasks") or {}
     if not tasks:
         return ["## Evaluation", "", "No evaluation was run for this model.", ""]
@@ -134,19 +132,11 @@ def _eval_section(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
-def _versions(run_dir: Path, recipe: Recipe) -> dict[str, str]:
-    recorded = (read_json(run_dir / "run.json") or {}).get("versions")
+def _versions(run_dir: Path) -> dict[str, str]:
+    recorded = (runs.read_json(runs.RunFolder(run_dir).summary) or {}).get("versions")
     if isinstance(recorded, dict) and recorded:
         return {str(k): str(v) for k, v in recorded.items()}
-    versions = {}
-    for name in VERSIONED:
-        if name == "bitsandbytes" and recipe.model.quantization == "none":
-            continue
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
+    return runs.versions()
 
 
 def _method(recipe: Recipe, merged: bool, run_dir: Path) -> list[str]:
@@ -167,7 +157,7 @@ def _method(recipe: Recipe, merged: bool, run_dir: Path) -> list[str]:
             "not the original bf16 checkpoint" + ("." if merged else "; applied to the original checkpoint the adapter behaves slightly differently.")
         )
     if merged:
-        info = read_json(run_dir / "merged" / "merge.json") or {}
+        info = runs.read_json(runs.RunFolder(run_dir).merged / "merge.json") or {}
         if info:
             lines.append(
                 f"The adapter is merged into the weights ({info.get('dtype')}); the merged model matches base + adapter within "
@@ -235,7 +225,7 @@ def _limitations(recipe: Recipe) -> list[str]:
 def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = None) -> str:
     """README.md for the merged model (merged=True) or the adapter of a finished run."""
     run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
+    recipe = runs.finished_recipe(run_dir)
     meta: dict = {}
     if base := base_model_id(recipe):
         meta["base_model"] = base
@@ -261,7 +251,7 @@ def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = N
     lines += _eval_section(run_dir)
     lines += _data_section(recipe)
     lines += ["## Recipe", "", "The resolved recipe this model was trained with (`finetune run` reproduces it):", "", "```yaml", to_yaml(recipe).rstrip(), "```", ""]
-    lines += ["## Library versions", "", *(f"- {name} {version}" for name, version in _versions(run_dir, recipe).items()), ""]
+    lines += ["## Library versions", "", *(f"- {name} {version}" for name, version in _versions(run_dir).items()), ""]
     return "\n".join(lines)
 
 
@@ -330,8 +320,8 @@ def push(run_dir: str | os.PathLike, repo_id: str, what: str = "merged", private
     if not REPO_ID.match(repo_id or ""):
         raise FinetuneError(f"push --repo-id: {repo_id!r} is not a Hub repo id; use namespace/name, e.g. your-user/{Path(str(run_dir)).name}")
     run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
-    folder = run_dir / ("merged" if what == "merged" else "adapter")
+    recipe = runs.finished_recipe(run_dir)
+    folder = runs.RunFolder(run_dir).merged if what == "merged" else runs.RunFolder(run_dir).adapter
     if what == "merged" and not (folder / "merge.json").is_file():
         raise FinetuneError(f"{run_dir}: no merged model yet; run `finetune merge {run_dir}` first, or push the adapter with --adapter")
     files = _upload_files(folder)

@@ -1,52 +1,55 @@
-"""Load a finished run (base + adapter, with the training chat template) and generate from it."""
+"""Load a finished run (base + adapter) or a merged model, each with its training chat template, and generate."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import yaml
 
 from finetune import model as model_lib
+from finetune import runs
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe, validate
 
 
-def run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe of a finished run folder; refuses folders that are not finished runs."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FinetuneError(f"{run_dir}: no such run folder; give the output folder of `finetune run` (train.output_dir)")
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.is_file():
-        raise FinetuneError(f"{run_dir}: not a run folder (no recipe.yaml); give the output folder of `finetune run`")
-    if not (run_dir / "run.json").is_file():
-        raise FinetuneError(f"{run_dir}: the run is incomplete (no run.json); finish or resume it with `finetune run`")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise FinetuneError(f"{run_dir}/adapter: no adapter_config.json; the run folder is damaged, train again")
-    try:
-        data = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise FinetuneError(f"{recipe_file}: invalid YAML ({str(e).splitlines()[0]}); the run folder is damaged, train again") from None
-    return validate(data, str(recipe_file))
+def training_tokenizer(folder: Path):
+    """The tokenizer saved beside an adapter or merged model, with the chat template training used."""
+    from transformers import AutoTokenizer
+
+    template = Path(folder) / "chat_template.jinja"
+    if not template.is_file():
+        raise FinetuneError(f"{folder}: no chat_template.jinja (the training chat template); the run folder is damaged, train again")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = template.read_text(encoding="utf-8")
+    model_lib.ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def load_run(run_dir: Path):
     """(model, tokenizer) of a finished run: the base loaded as in training plus the adapter, in eval mode."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    recipe = run_recipe(run_dir)
-    adapter = run_dir / "adapter"
+    recipe = runs.finished_recipe(run_dir)
+    adapter = runs.RunFolder(Path(run_dir)).adapter
     base, _ = model_lib.load(recipe.model, for_training=False)
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tokenizer = training_tokenizer(adapter)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
     return model, tokenizer
 
 
+def load_merged(folder: Path, dtype: torch.dtype):
+    """(model, tokenizer) of a merged model folder, in eval mode on the toolkit's device."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    model.to(model_lib.device())
+    model.eval()
+    return model, training_tokenizer(folder)
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0) -> str:
+    """The model's reply to a conversation: greedy by default, sampled when temperature > 0."""
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(

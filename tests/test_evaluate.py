@@ -13,12 +13,14 @@ import pytest
 import torch
 import yaml
 
-from finetune import evaluate
+from finetune import eval as evaluation
+from finetune.eval import cache, metrics, prompts, report, scoring, suite as suites
 from finetune.data import formats
 from finetune.data.build import chat_rows, read_source
 from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
-from finetune.recipe import PROJECT_ROOT, SourceSection, load as load_recipe, resolve_path
+from finetune.config import PROJECT_ROOT, resolve_path
+from finetune.recipe import SourceSection, load as load_recipe
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs
 
@@ -54,18 +56,18 @@ def test_a_model_that_always_answers_the_majority_label_scores_exactly_the_major
     assert len(yes) == 1
     model = AlwaysPrefers(yes[0], len(tokenizer))
     task = SimpleNamespace(metric="accuracy")
-    scores, picked = evaluate.score_mcq(model, tokenizer, classification_rows(labels), task, batch_size=4)
-    assert evaluate.mean(scores["accuracy"]) == pytest.approx(0.7)
-    assert evaluate.mean(scores["accuracy_sum"]) == pytest.approx(0.7)
+    scores, picked = scoring.score_mcq(model, tokenizer, classification_rows(labels), task, batch_size=4)
+    assert metrics.mean(scores["accuracy"]) == pytest.approx(0.7)
+    assert metrics.mean(scores["accuracy_sum"]) == pytest.approx(0.7)
     assert picked == ["yes"] * 10
 
 
 def test_choose_normalises_by_option_length_and_breaks_ties_by_order():
     # (sum, tokens): option 1 is likelier per token, option 0 likelier in sum.
     scores = [(-3.0, 1), (-4.0, 4)]
-    assert evaluate.choose(scores, normalise=True) == 1
-    assert evaluate.choose(scores, normalise=False) == 0
-    assert evaluate.choose([(-1.0, 1), (-1.0, 1)]) == 0
+    assert scoring.choose(scores, normalise=True) == 1
+    assert scoring.choose(scores, normalise=False) == 0
+    assert scoring.choose([(-1.0, 1), (-1.0, 1)]) == 0
 
 
 def _reference_logprob(model, prompt: list[int], option: list[int]) -> float:
@@ -86,8 +88,8 @@ def tiny_model(tiny_llama_dir):
 def test_batched_right_padded_scores_equal_unpadded_forward_passes(tiny_model, tokenizer):
     rows = classification_rows(["Entailment", "Contradiction", "NotMentioned"], options=("Entailment", "Contradiction", "NotMentioned"))
     rows[1]["messages"][0]["content"] += " A much longer question that makes this prompt the longest in the batch by far."
-    prompts = [evaluate._encode_prompt(tokenizer, r["messages"]) for r in rows]
-    scores = evaluate.option_logprobs(tiny_model, tokenizer, prompts, [r["options"] for r in rows], batch_size=4)
+    prompts = [scoring.encode_prompt(tokenizer, r["messages"]) for r in rows]
+    scores = scoring.option_logprobs(tiny_model, tokenizer, prompts, [r["options"] for r in rows], batch_size=4)
     with torch.inference_mode():
         for prompt, row, option_scores in zip(prompts, rows, scores):
             for label, (total, count) in zip(row["options"], option_scores):
@@ -99,8 +101,8 @@ def test_batched_right_padded_scores_equal_unpadded_forward_passes(tiny_model, t
 def test_batched_greedy_answers_come_back_in_order_and_equal_one_at_a_time(tiny_model, tokenizer):
     lengths = [3, 40, 1, 25, 8]  # batches are formed longest first, so the order is mixed on purpose
     conversations = [[{"role": "user", "content": f"Row {i}: " + "more words " * n}] for i, n in enumerate(lengths)]
-    batched = evaluate.generate_batch(tiny_model, tokenizer, conversations, max_new_tokens=6, batch_size=2)
-    alone = [evaluate.generate_batch(tiny_model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in conversations]
+    batched = scoring.generate_batch(tiny_model, tokenizer, conversations, max_new_tokens=6, batch_size=2)
+    alone = [scoring.generate_batch(tiny_model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in conversations]
     assert batched == alone
     assert len(set(alone)) > 1  # the prompts really get different answers, so an order mix-up would show
 
@@ -111,16 +113,16 @@ def test_shuffling_the_option_order_does_not_change_the_score(tiny_model, tokeni
     lists the labels, so changing that text is a different question, not a different scorer."""
     labels = ["positive", "negative", "neutral"]
     rows = classification_rows([random.Random(i).choice(labels) for i in range(8)], options=labels)
-    prompts = [evaluate._encode_prompt(tokenizer, r["messages"]) for r in rows]
+    prompts = [scoring.encode_prompt(tokenizer, r["messages"]) for r in rows]
     shuffled = [random.Random(100 + i).sample(labels, 3) for i in range(len(rows))]
-    original = evaluate.option_logprobs(tiny_model, tokenizer, prompts, [labels] * len(rows), batch_size=5)
-    permuted = evaluate.option_logprobs(tiny_model, tokenizer, prompts, shuffled, batch_size=3)
+    original = scoring.option_logprobs(tiny_model, tokenizer, prompts, [labels] * len(rows), batch_size=5)
+    permuted = scoring.option_logprobs(tiny_model, tokenizer, prompts, shuffled, batch_size=3)
     for order, first, second in zip(shuffled, original, permuted):
         by_label = dict(zip(order, second))
         for label, (total, count) in zip(labels, first):
             assert by_label[label][1] == count
             assert by_label[label][0] == pytest.approx(total, abs=1e-4)
-        assert labels[evaluate.choose(first)] == order[evaluate.choose(second)]
+        assert labels[scoring.choose(first)] == order[scoring.choose(second)]
 
 
 # ---------------------------------------------------------------- text metrics
@@ -142,7 +144,7 @@ def test_shuffling_the_option_order_does_not_change_the_score(tiny_model, tokeni
     ],
 )
 def test_numeric_match_understands_scale_percent_commas_and_parentheses(prediction, gold):
-    assert evaluate.numeric_match(prediction, gold) == 1.0
+    assert metrics.numeric_match(prediction, gold) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -158,19 +160,19 @@ def test_numeric_match_understands_scale_percent_commas_and_parentheses(predicti
     ],
 )
 def test_numeric_match_rejects_wrong_numbers(prediction, gold):
-    assert evaluate.numeric_match(prediction, gold) == 0.0
+    assert metrics.numeric_match(prediction, gold) == 0.0
 
 
 def test_numeric_match_falls_back_to_exact_match_for_spans():
-    assert evaluate.numeric_match("Singapore, Sydney", "Singapore, Sydney") == 1.0
-    assert evaluate.numeric_match("310,000; $9.3 million.", "310,000, $9.3 million") == 1.0
-    assert evaluate.numeric_match("Sydney", "Singapore, Sydney") == 0.0
+    assert metrics.numeric_match("Singapore, Sydney", "Singapore, Sydney") == 1.0
+    assert metrics.numeric_match("310,000; $9.3 million.", "310,000, $9.3 million") == 1.0
+    assert metrics.numeric_match("Sydney", "Singapore, Sydney") == 0.0
 
 
 def test_exact_match_and_token_f1():
-    assert evaluate.exact_match("The company held fewer trade shows.", "the company held fewer trade shows") == 1.0
-    assert evaluate.token_f1("fewer trade shows", "the company held fewer trade shows") == pytest.approx(2 * 1 * 0.6 / 1.6)
-    assert evaluate.token_f1("nothing alike", "fewer trade shows") == 0.0
+    assert metrics.exact_match("The company held fewer trade shows.", "the company held fewer trade shows") == 1.0
+    assert metrics.token_f1("fewer trade shows", "the company held fewer trade shows") == pytest.approx(2 * 1 * 0.6 / 1.6)
+    assert metrics.token_f1("nothing alike", "fewer trade shows") == 0.0
 
 
 # ---------------------------------------------------------------- bootstrap and regressions
@@ -180,30 +182,30 @@ def test_paired_bootstrap_contains_the_delta_and_is_deterministic_by_seed():
     rng = random.Random(3)
     base = [float(rng.random() < 0.5) for _ in range(60)]
     adapter = [float(rng.random() < 0.7) for _ in range(60)]
-    delta = evaluate.mean(adapter) - evaluate.mean(base)
-    low, high = evaluate.paired_bootstrap(base, adapter, 1000, seed=0)
+    delta = metrics.mean(adapter) - metrics.mean(base)
+    low, high = metrics.paired_bootstrap(base, adapter, 1000, seed=0)
     assert low <= delta <= high and low < high
-    assert evaluate.paired_bootstrap(base, adapter, 1000, seed=0) == (low, high)
-    assert evaluate.paired_bootstrap(base, adapter, 1000, seed=1) != (low, high)
+    assert metrics.paired_bootstrap(base, adapter, 1000, seed=0) == (low, high)
+    assert metrics.paired_bootstrap(base, adapter, 1000, seed=1) != (low, high)
     # Identical per-example differences leave no uncertainty.
-    assert evaluate.paired_bootstrap([0.0] * 5, [1.0] * 5, 200, seed=0) == (1.0, 1.0)
+    assert metrics.paired_bootstrap([0.0] * 5, [1.0] * 5, 200, seed=0) == (1.0, 1.0)
 
 
 def test_a_task_is_a_regression_only_when_its_whole_interval_is_below_zero():
     result = {"tasks": {"worse": {"regression": True}, "unclear": {"regression": False}}}
-    assert evaluate.regressions(result) == ["worse"]
-    assert evaluate.regressions({"tasks": {}}) == []
+    assert report.regressions(result) == ["worse"]
+    assert report.regressions({"tasks": {}}) == []
 
 
 # ---------------------------------------------------------------- suites
 
 
 def test_every_shipped_suite_loads_and_reads_its_examples_offline():
-    assert set(evaluate.suite_names()) >= {"medical", "legal", "finance"}
-    for name in evaluate.suite_names():
-        suite = evaluate.load_suite(name)
+    assert set(suites.suite_names()) >= {"medical", "legal", "finance"}
+    for name in suites.suite_names():
+        suite = suites.load_suite(name)
         for task_name, task in suite.tasks.items():
-            items = evaluate.examples(task, "system", suite.seed)
+            items = prompts.examples(task, "system", suite.seed)
             assert items, (name, task_name)
             assert items[0]["messages"][0] == {"role": "system", "content": "system"}
             if task.kind == "mcq":
@@ -211,7 +213,7 @@ def test_every_shipped_suite_loads_and_reads_its_examples_offline():
 
 
 def test_suite_defaults_score_the_held_out_samples():
-    sizes = {name: {t: len(evaluate.examples(task, None)) for t, task in evaluate.load_suite(name).tasks.items()} for name in ("medical", "legal", "finance")}
+    sizes = {name: {t: len(prompts.examples(task, None)) for t, task in suites.load_suite(name).tasks.items()} for name in ("medical", "legal", "finance")}
     assert sizes == {"medical": {"pubmedqa": 10, "medmcqa": 20}, "legal": {"contractnli": 16}, "finance": {"tatqa": 9, "phrasebank": 27}}
 
 
@@ -219,7 +221,7 @@ def test_suite_defaults_score_the_held_out_samples():
 def test_no_evaluation_example_is_a_training_row_of_the_same_recipe(recipe_name):
     recipe = load_recipe(recipe_name)
     try:
-        suite = evaluate.load_suite(evaluate.suite_for(recipe))
+        suite = suites.load_suite(suites.suite_for(recipe))
     except FinetuneError:
         pytest.skip(f"recipe {recipe_name} has no eval suite")
     missing = [s.path for s in recipe.data.sources if s.path and not resolve_path(s.path).exists()]
@@ -228,14 +230,14 @@ def test_no_evaluation_example_is_a_training_row_of_the_same_recipe(recipe_name)
     rows, _ = chat_rows(recipe.data, recipe.train.seed)
     trained = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
     for name, task in suite.tasks.items():
-        for item in evaluate.examples(task, recipe.data.system_prompt, suite.seed):
+        for item in prompts.examples(task, recipe.data.system_prompt, suite.seed):
             assert item["messages"][-1]["content"] not in trained, (recipe_name, name, item["id"])
 
 
 def test_few_shot_demonstrations_are_earlier_turns_and_never_a_scored_row():
-    suite = evaluate.load_suite("finance")
+    suite = suites.load_suite("finance")
     task = suite.tasks["phrasebank"]
-    items = evaluate.examples(task, "sys", suite.seed)
+    items = prompts.examples(task, "sys", suite.seed)
     scored = {it["messages"][-1]["content"] for it in items}
     first = items[0]["messages"]
     assert [m["role"] for m in first] == ["system"] + ["user", "assistant"] * 3 + ["user"]
@@ -258,8 +260,8 @@ def test_a_glob_task_scores_every_file_and_same_file_shots_leave_the_example_out
     _legalbench_task(tmp_path, "nda_b", [("Yes", f"Clause B{i} allows copies.") for i in range(2)] + [("No", f"Clause B{i} forbids copies.") for i in range(2, 4)])
     _legalbench_task(tmp_path, "other", [("Yes", "not matched by the pattern"), ("No", "nor this")])
     task = {"reader": "legalbench", "path": str(tmp_path / "nda_*" / "train.tsv"), "shots": 2, "shots_from": "same"}
-    suite = evaluate.load_suite(str(write_suite(tmp_path, {"t": task})))
-    items = evaluate.examples(suite.tasks["t"], "sys", suite.seed)
+    suite = suites.load_suite(str(write_suite(tmp_path, {"t": task})))
+    items = prompts.examples(suite.tasks["t"], "sys", suite.seed)
     assert len(items) == 9
     for item in items:
         own = item["messages"][-1]["content"]
@@ -268,19 +270,19 @@ def test_a_glob_task_scores_every_file_and_same_file_shots_leave_the_example_out
         letter = "A" if "Clause A" in own else "B"
         assert all(f"Clause {letter}" in d for d in demos)
     # The draw is seeded per example: the same suite gives the same prompts.
-    assert [it["messages"] for it in evaluate.examples(suite.tasks["t"], "sys", suite.seed)] == [it["messages"] for it in items]
+    assert [it["messages"] for it in prompts.examples(suite.tasks["t"], "sys", suite.seed)] == [it["messages"] for it in items]
     with pytest.raises(FinetuneError, match=r"shots: 5 but legalbench-nda_\w-\d's file has only [34] other rows; lower shots"):
-        evaluate.examples(evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 5}}))).tasks["t"], None)
+        prompts.examples(suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 5}}))).tasks["t"], None)
     missing = {**task, "path": str(tmp_path / "nosuch_*" / "train.tsv")}
     with pytest.raises(FinetuneError, match=r"nosuch_\*/train.tsv\): the pattern matches no file; check the path in the suite"):
-        evaluate.examples(evaluate.load_suite(str(write_suite(tmp_path, {"t": missing}))).tasks["t"], None)
+        prompts.examples(suites.load_suite(str(write_suite(tmp_path, {"t": missing}))).tasks["t"], None)
 
 
 @pytest.mark.skipif(not (PROJECT_ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
 @pytest.mark.parametrize("name", ["medical", "legal", "finance"])
 def test_the_real_data_suites_read_their_sets_and_never_score_a_training_row(name):
     """evals/real/*.yaml score the README's results; benchmarks/real_data.sh trains on the other split, with these readers."""
-    suite = evaluate.load_suite(str(PROJECT_ROOT / "evals" / "real" / f"{name}.yaml"))
+    suite = suites.load_suite(str(PROJECT_ROOT / "evals" / "real" / f"{name}.yaml"))
     # The medical runs train on the abstracts, their conclusions, or both: check every reader of the file.
     training = {"medical": (("pubmedqa", "pubmedqa_reasoning_free"), "medical/pubmedqa/ori_pqal.json", "train"),
                 "legal": (("contractnli",), "legal/contract-nli/dev.json", "train"),
@@ -296,7 +298,7 @@ def test_the_real_data_suites_read_their_sets_and_never_score_a_training_row(nam
         if m["role"] == "user"
     )
     for task_name, task in suite.tasks.items():
-        items = evaluate.examples(task, None, suite.seed)
+        items = prompts.examples(task, None, suite.seed)
         assert len(items) >= 100, task_name
         for item in items:
             assert item["messages"][-1]["content"] not in trained, (task_name, item["id"])
@@ -311,31 +313,31 @@ def write_suite(folder: Path, tasks: dict, **top) -> Path:
 
 def test_suite_errors_name_the_file_the_key_and_the_fix(tmp_path):
     with pytest.raises(FinetuneError, match=r"--suite nosuch: no such eval suite; known: .*medical"):
-        evaluate.load_suite("nosuch")
+        suites.load_suite("nosuch")
     task = {"reader": "pubmedqa", "path": "datasets/medical/pubmedqa/ori_pqal.json", "split": "test"}
     with pytest.raises(FinetuneError, match=r"mine.yaml: tasks.t.shot: unknown key \(did you mean 'shots'\?\)"):
-        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "shot": 2}})))
+        suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shot": 2}})))
     with pytest.raises(FinetuneError, match=r"mine.yaml: tasks.t.reader: unknown reader 'pubmedq' \(did you mean 'pubmedqa'\?\)"):
-        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "pubmedq"}})))
+        suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "pubmedq"}})))
     with pytest.raises(FinetuneError, match=r"metric 'f1' does not apply to mcq rows; use one of accuracy, accuracy_sum"):
-        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "metric": "f1"}})))
+        suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "metric": "f1"}})))
     with pytest.raises(FinetuneError, match=r"shots > 0 needs shots_from"):
-        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 2}})))
+        suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 2}})))
     with pytest.raises(FinetuneError, match=r"reader 'messages' yields sft rows; a task needs mcq or qa rows"):
-        evaluate.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "messages"}})))
+        suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "messages"}})))
     empty = tmp_path / "empty_tatqa.json"
     empty.write_text("[]")
-    suite = evaluate.load_suite(str(write_suite(tmp_path, {"t": {"reader": "tatqa", "path": str(empty)}})))
+    suite = suites.load_suite(str(write_suite(tmp_path, {"t": {"reader": "tatqa", "path": str(empty)}})))
     with pytest.raises(FinetuneError, match=r"empty_tatqa.json, split train\): no rows; check the path and split"):
-        evaluate.examples(suite.tasks["t"], None)
+        prompts.examples(suite.tasks["t"], None)
 
 
 def test_a_recipe_finds_the_suite_of_its_domain():
-    assert evaluate.suite_for(load_recipe("medical")) == "medical"
-    assert evaluate.suite_for(load_recipe("llama-3.1-8b-legal-qlora")) == "legal"
+    assert suites.suite_for(load_recipe("medical")) == "medical"
+    assert suites.suite_for(load_recipe("llama-3.1-8b-legal-qlora")) == "legal"
     recipe = load_recipe("medical", ["name=unrelated"])
     with pytest.raises(FinetuneError, match=r"recipe unrelated: no eval suite evals/unrelated.yaml; pass --suite NAME"):
-        evaluate.suite_for(recipe)
+        suites.suite_for(recipe)
 
 
 # ---------------------------------------------------------------- a whole run
@@ -361,7 +363,7 @@ def tiny_run(tmp_path_factory, tiny_llama_dir):
 
 def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
     out, suite = tiny_run
-    result = evaluate.run(out, suite=str(suite))
+    result = evaluation.run(out, suite=str(suite))
     written = json.loads((out / "eval.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert written["suite"] == "mine"
@@ -385,7 +387,7 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
     assert "| sentiment | accuracy | 6 |" in md and "| tables | numeric_match | 3 |" in md
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # n caps every task, on the same examples for base and adapter.
-    capped = evaluate.run(out, suite=str(suite), n=2)
+    capped = evaluation.run(out, suite=str(suite), n=2)
     assert {t["n"] for t in capped["tasks"].values()} == {2}
 
 
@@ -393,32 +395,32 @@ def test_a_merged_folder_is_scored_too_and_matches_the_adapter(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.inference import run_recipe
+    from finetune.runs import finished_recipe
 
     out, suite = tiny_run
-    base = AutoModelForCausalLM.from_pretrained(run_recipe(out).model.base, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(finished_recipe(out).model.base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
     merged.save_pretrained(out / "merged")
     AutoTokenizer.from_pretrained(out / "adapter").save_pretrained(out / "merged")
     try:
-        result = evaluate.run(out, suite=str(suite))
+        result = evaluation.run(out, suite=str(suite))
     finally:
         import shutil
 
         shutil.rmtree(out / "merged")
     for task in result["tasks"].values():
         assert task["merged"] == pytest.approx(task["adapter"])
-    assert "| adapter | merged | delta |" in evaluate.table(result).splitlines()[0]
+    assert "| adapter | merged | delta |" in report.table(result).splitlines()[0]
 
 
 def test_base_scores_are_reused_from_the_cache_on_the_same_prompts(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
     out, suite = tiny_run
-    first = evaluate.run(out, suite=str(suite))
+    first = evaluation.run(out, suite=str(suite))
     assert all(t["cached"] == [] for t in first["tasks"].values())
     entries = sorted((tmp_path / "eval").glob("base-*.json"))
     assert len(entries) == 2  # one per task
-    again = evaluate.run(out, suite=str(suite))
+    again = evaluation.run(out, suite=str(suite))
     for name, task in again["tasks"].items():
         assert task["cached"] == ["base"]
         assert task["metrics"] == first["tasks"][name]["metrics"]
@@ -428,39 +430,39 @@ def test_base_scores_are_reused_from_the_cache_on_the_same_prompts(tiny_run, tmp
         scored = json.loads(entry.read_text())
         scored["per_example"] = {metric: [1.0] * len(values) for metric, values in scored["per_example"].items()}
         entry.write_text(json.dumps(scored))
-    doctored = evaluate.run(out, suite=str(suite))
+    doctored = evaluation.run(out, suite=str(suite))
     assert {t["base"] for t in doctored["tasks"].values()} == {1.0}
     # ...and --no-cache scores the base again, as the first run did.
-    fresh = evaluate.run(out, suite=str(suite), cache=False)
+    fresh = evaluation.run(out, suite=str(suite), cache=False)
     for name, task in fresh["tasks"].items():
         assert task["cached"] == [] and task["metrics"] == first["tasks"][name]["metrics"]
     # A cache that cannot be written (here its folder would sit under a file) costs time, never the report.
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "a-file" / "cache"))
-    unwritable = evaluate.run(out, suite=str(suite))
+    unwritable = evaluation.run(out, suite=str(suite))
     assert {name: t["metrics"] for name, t in unwritable["tasks"].items()} == {name: t["metrics"] for name, t in first["tasks"].items()}
 
 
 def test_the_base_score_cache_key_changes_with_everything_that_changes_the_scores(tiny_run, tmp_path):
-    from finetune.inference import run_recipe
+    from finetune.runs import finished_recipe
     from finetune.model import load_tokenizer
 
     out, suite_path = tiny_run
-    recipe = run_recipe(out)
+    recipe = finished_recipe(out)
     tokenizer = load_tokenizer(recipe.model.base, recipe.model)
-    suite = evaluate.load_suite(str(suite_path))
+    suite = suites.load_suite(str(suite_path))
     task = suite.tasks["tables"]
-    items = evaluate.examples(task, "system A")
+    items = prompts.examples(task, "system A")
 
     def key(recipe=recipe, task=task, items=items, batch_size=8, tokenizer=tokenizer):
-        return evaluate.base_cache_file(recipe, tokenizer, task, items, batch_size)
+        return cache.base_cache_file(recipe, tokenizer, task, items, batch_size)
 
     reference = key()
     assert reference == key()  # deterministic
     other_template = load_tokenizer(recipe.model.base, recipe.model)
     other_template.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     changed = {
-        "prompts": key(items=evaluate.examples(task, "system B")),
+        "prompts": key(items=prompts.examples(task, "system B")),
         "task": key(task=task.model_copy(update={"max_new_tokens": 5})),
         "batch size": key(batch_size=4),
         "quantization": key(recipe=recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "nf4"})})),
@@ -481,14 +483,14 @@ def test_the_base_score_cache_key_changes_with_everything_that_changes_the_score
 def test_regressions_are_marked_in_the_table():
     task = {"n": 10, "metric": "accuracy", "base": 0.8, "adapter": 0.2, "delta": -0.6, "ci95": [-0.9, -0.3], "regression": True}
     result = {"suite": "s", "target": "t", "bootstrap": {"resamples": 1000, "seed": 0}, "tasks": {"pubmedqa": task}}
-    assert "**REGRESSION**" in evaluate.table(result)
-    assert "Warning: the adapter regresses on pubmedqa" in evaluate.markdown(result)
+    assert "**REGRESSION**" in report.table(result)
+    assert "Warning: the adapter regresses on pubmedqa" in report.markdown(result)
 
 
 @pytest.mark.slow
 def test_the_medical_suite_runs_on_the_embedded_base_through_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = evaluate.run("medical")
+    result = evaluation.run("medical")
     tasks = result["tasks"]
     assert result["suite"] == "medical" and set(tasks) == {"pubmedqa", "medmcqa"}
     assert tasks["pubmedqa"]["n"] == 10 and tasks["medmcqa"]["n"] == 20

@@ -9,12 +9,12 @@ import pytest
 import torch
 from run_dirs import make_run
 
-from finetune import export
+from finetune import gguf as gguf_export, merge, modelfile
 from finetune.errors import FinetuneError
 
 
 def reference_logits(run_dir, merged_dir):
-    """Base + adapter computed independently of export.merge, and the saved merged model, on the same prompts."""
+    """Base + adapter computed independently of merge.merge, and the saved merged model, on the same prompts."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,7 +31,7 @@ def reference_logits(run_dir, merged_dir):
 @pytest.mark.parametrize("adapter", ["lora", "dora"])
 def test_merge_matches_base_plus_adapter(tmp_path, tiny_llama_dir, adapter):
     run = make_run(tmp_path / "run", tiny_llama_dir, adapter)
-    report = export.merge(run)
+    report = merge.merge(run)
     merged_dir = run / "merged"
     assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0
     assert json.loads((merged_dir / "merge.json").read_text()) == report
@@ -52,7 +52,7 @@ def test_merge_matches_base_plus_adapter(tmp_path, tiny_llama_dir, adapter):
 
 def test_qlora_dequantized_target_reproduces_the_trained_model(tmp_path, tiny_llama_dir):
     run = make_run(tmp_path / "run", tiny_llama_dir, quantization="nf4")
-    report = export.merge(run)
+    report = merge.merge(run)
     base, dequantized = report["targets"]["base"]["vs_trained"], report["targets"]["dequantized"]["vs_trained"]
     assert dequantized["max_abs_logit_diff"] < 1e-4
     assert dequantized["max_abs_logit_diff"] * 100 < base["max_abs_logit_diff"]
@@ -62,24 +62,24 @@ def test_qlora_dequantized_target_reproduces_the_trained_model(tmp_path, tiny_ll
     assert json.loads((run / "merged" / "merge.json").read_text())["targets"] == report["targets"]
     assert "quantization_config" not in json.loads((run / "merged" / "config.json").read_text())
 
-    chosen = export.merge(run, output=tmp_path / "base-target", target="base")
+    chosen = merge.merge(run, output=tmp_path / "base-target", target="base")
     assert chosen["target"] == "base" and (tmp_path / "base-target" / "model.safetensors").is_file()
 
 
 def test_merge_refusals(tmp_path, tiny_llama_dir):
     run = make_run(tmp_path / "run", tiny_llama_dir)
     with pytest.raises(FinetuneError, match="not trained on an nf4 base"):
-        export.merge(run, target="dequantized")
+        merge.merge(run, target="dequantized")
     with pytest.raises(FinetuneError, match="expected auto, base or dequantized"):
-        export.merge(run, target="best")
+        merge.merge(run, target="best")
     foreign = tmp_path / "somebody-elses"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FinetuneError, match="not an earlier output"):
-        export.merge(run, output=foreign)
+        merge.merge(run, output=foreign)
     (run / "run.json").unlink()
     with pytest.raises(FinetuneError, match="incomplete"):
-        export.merge(run)
+        merge.merge(run)
 
 
 def test_a_failed_merge_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
@@ -92,19 +92,19 @@ def test_a_failed_merge_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
-        export.merge(run)
+        merge.merge(run)
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "recipe.yaml", "run.json"]
     monkeypatch.undo()
 
     # What a killed merge leaves is a hidden folder, cleared by the next merge; the parity check failing
     # also writes nothing, and an earlier good merge stays as it was.
     (run / ".merged.partial-killed").mkdir()
-    export.merge(run)
+    merge.merge(run)
     assert not (run / ".merged.partial-killed").exists()
     before = (run / "merged" / "merge.json").read_text()
-    monkeypatch.setitem(export.MERGE_THRESHOLDS, torch.float32, -1.0)
+    monkeypatch.setitem(merge.MERGE_THRESHOLDS, torch.float32, -1.0)
     with pytest.raises(FinetuneError, match="nothing was written"):
-        export.merge(run)
+        merge.merge(run)
     assert (run / "merged" / "merge.json").read_text() == before
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "merged", "recipe.yaml", "run.json"]
 
@@ -112,7 +112,7 @@ def test_a_failed_merge_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory, tiny_llama_dir):
     run = make_run(tmp_path_factory.mktemp("gguf") / "run", tiny_llama_dir, data={"system_prompt": "Answer briefly."})
-    export.merge(run)
+    merge.merge(run)
     return run
 
 
@@ -126,7 +126,7 @@ def read_gguf(path):
 
 @pytest.mark.parametrize("outtype, limit", [("f32", 1e-5), ("f16", 0.05)])
 def test_gguf_round_trip(merged_run, outtype, limit):
-    path = export.export_gguf(merged_run, outtype)
+    path = gguf_export.export(merged_run, outtype)
     assert path == merged_run / "gguf" / f"tiny-{outtype}.gguf"
     reader, fields = read_gguf(path)
     names = [t.name for t in reader.tensors]
@@ -137,7 +137,7 @@ def test_gguf_round_trip(merged_run, outtype, limit):
     assert fields["llama.attention.head_count_kv"] == 2
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
     training_template = (merged_run / "adapter" / "chat_template.jinja").read_text()
-    assert fields["tokenizer.chat_template"] == export.gguf_chat_template(training_template)
+    assert fields["tokenizer.chat_template"] == gguf_export.gguf_chat_template(training_template)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_run / "merged")
@@ -154,7 +154,7 @@ def test_gguf_round_trip(merged_run, outtype, limit):
 
 
 def test_gguf_q8_0_quantizes_matrices_only(merged_run):
-    path = export.export_gguf(merged_run / "merged", "q8_0", output=merged_run / "q8", verify=False)
+    path = gguf_export.export(merged_run / "merged", "q8_0", output=merged_run / "q8", verify=False)
     reader, fields = read_gguf(path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["token_embd.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
@@ -164,9 +164,9 @@ def test_gguf_q8_0_quantizes_matrices_only(merged_run):
 
 def test_gguf_refusals(merged_run, tmp_path):
     with pytest.raises(FinetuneError, match="expected one of f32, f16, q8_0"):
-        export.export_gguf(merged_run, "q4_k")
+        gguf_export.export(merged_run, "q4_k")
     with pytest.raises(FinetuneError, match="neither a run folder"):
-        export.export_gguf(tmp_path, "f16")
+        gguf_export.export(tmp_path, "f16")
 
 
 CHATML_MODELFILE = '''FROM ./m-f16.gguf
@@ -193,18 +193,18 @@ def test_modelfile_follows_the_training_template_family():
     from finetune.model import TEMPLATES
 
     chatml = (TEMPLATES / "chatml.jinja").read_text()
-    assert export.modelfile_text("m-f16.gguf", chatml, "Answer briefly.", 32768) == CHATML_MODELFILE
-    llama3 = export.modelfile_text("m.gguf", "{{ '<|start_header_id|>' }}", None, 4096)
+    assert modelfile.modelfile_text("m-f16.gguf", chatml, "Answer briefly.", 32768) == CHATML_MODELFILE
+    llama3 = modelfile.modelfile_text("m.gguf", "{{ '<|start_header_id|>' }}", None, 4096)
     assert "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}" in llama3
     assert 'PARAMETER stop "<|eot_id|>"' in llama3 and "SYSTEM" not in llama3 and "num_ctx 4096" in llama3
-    other = export.modelfile_text("m.gguf", "{{ messages }}", None, 4096)
+    other = modelfile.modelfile_text("m.gguf", "{{ messages }}", None, 4096)
     assert "TEMPLATE" not in other and other.startswith("FROM ./m.gguf\n")
 
 
 def test_gguf_template_renders_like_the_training_template(tokenizer):
     """The GGUF gets the template without {% generation %} tags (only transformers knows them); output must not change."""
     training = tokenizer.chat_template
-    plain = export.gguf_chat_template(training)
+    plain = gguf_export.gguf_chat_template(training)
     assert not re.search(r"\{%-?\s*(end)?generation", plain)
     conversations = [
         [{"role": "user", "content": "hi"}],
@@ -219,9 +219,9 @@ def test_gguf_template_renders_like_the_training_template(tokenizer):
 @pytest.mark.slow
 def test_embedded_model_merge_and_gguf(tmp_path):
     run = make_run(tmp_path / "run", "embedded")
-    report = export.merge(run)
+    report = merge.merge(run)
     assert report["max_abs_logit_diff"] < 1e-3
-    path = export.export_gguf(run, "f16")
+    path = gguf_export.export(run, "f16")
     figures = json.loads((run / "gguf" / "export.json").read_text())["files"][path.name]
     assert figures["max_abs_logit_diff"] < 0.5 and figures["top1_agreement"] > 0.95
     assert figures["greedy_text_agreement"] >= 0.75 and figures["tokenization_agreement"] == 1.0
@@ -234,8 +234,8 @@ def test_gguf_llama3_style_tokenizer(tmp_path, tiny_llama_dir, verify):
 
     base = llama3_style_base(tmp_path / "base", tiny_llama_dir)
     run = make_run(tmp_path / "run", base, model={"chat_template": "llama3"})
-    export.merge(run)
-    path = export.export_gguf(run, "f32", verify=verify)
+    merge.merge(run)
+    path = gguf_export.export(run, "f32", verify=verify)
     reader, fields = read_gguf(path)
     assert fields["tokenizer.ggml.pre"] == "llama-bpe"
     assert fields["tokenizer.ggml.add_bos_token"] is True  # llama.cpp adds BOS, so the Modelfile template must not

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from run_dirs import make_run
 
-from finetune import export, hub
+from finetune import hub, merge
 from finetune.errors import FinetuneError
 
 TOKEN = "hf_standinSECRETtoken0123456789abcdef"
@@ -34,7 +34,7 @@ def front_matter(card: str) -> dict:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_llama_dir):
     run = make_run(tmp_path_factory.mktemp("hub") / "run", tiny_llama_dir, eval_json=EVAL)
-    export.merge(run)
+    merge.merge(run)
     return run
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_runs import env, finetune_run, logged_losses, write_recipe
-from finetune.train import last_checkpoint
+from finetune.runs import last_checkpoint
 
 
 @pytest.fixture(scope="module")

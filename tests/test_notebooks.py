@@ -141,7 +141,7 @@ def test_03_qlora_merge_gguf(out):
     assert set(merge["targets"]) == {"base", "dequantized"} and merge["quantization"] == "nf4"
     # What the notebook prints is the merge that was written: below the threshold, and the dequantized
     # target reproduces the trained nf4 model.
-    shown = text(cell(notebook, "export.merge(run_dir)"))
+    shown = text(cell(notebook, "merge.merge(run_dir)"))
     parity = dict(re.findall(r"^\| (base|dequantized) \| (\S+) \|", shown, re.M))
     assert float(parity["dequantized"]) == pytest.approx(merge["targets"]["dequantized"]["vs_trained"]["max_abs_logit_diff"], rel=1e-2)
     assert float(parity["dequantized"]) < merge["threshold"]
@@ -176,11 +176,11 @@ def test_05_evaluation(out):
     run = out / "runs" / "medical"
     result = json.loads((run / "eval.json").read_text())
     assert set(result["tasks"]) == {"pubmedqa", "medmcqa"} and all(t["n"] == EVAL_N for t in result["tasks"].values())
-    table = text(cell(notebook, "evaluate.run(sft_dir"))
+    table = text(cell(notebook, "evaluation.run(sft_dir"))
     for name, task in result["tasks"].items():
         assert f"\n| {name} | accuracy | {EVAL_N} | {task['base']:.3f} | {task['adapter']:.3f} | {task['delta']:+.3f} |" in table
     assert shows_image(cell(notebook, '"eval.png"')) and (run / "eval.png").stat().st_size > 0
-    verdict = text(cell(notebook, "evaluate.regressions(result)"))
+    verdict = text(cell(notebook, "evaluation.regressions(result)"))
     flagged = [name for name, task in result["tasks"].items() if task["regression"]]
     expected = f"the adapter regresses on: {', '.join(flagged)}" if flagged else "no regression flagged"
     assert expected in verdict

@@ -12,7 +12,7 @@ import pytest
 from conftest import PROJECT, shared_data
 
 from finetune.data import formats, legal
-from finetune.data.readers import READERS, Source
+from finetune.data.readers import READERS, RawSource
 from finetune.errors import FinetuneError
 
 SAMPLES = PROJECT / "datasets"
@@ -21,7 +21,7 @@ SAMPLES = PROJECT / "datasets"
 def read(reader: str, path: Path | None, split: str = "train", columns: dict | None = None, hub: str | None = None) -> tuple[list[dict], list[str]]:
     """Validated rows and the error lines of skipped records, exactly as data.build reads a source with on_bad_row=skip."""
     spec = READERS[reader]
-    source = Source(path=path, hub=hub, split=split, columns=columns or {})
+    source = RawSource(path=path, hub=hub, split=split, columns=columns or {})
     rows, errors = [], []
     for where, record in spec.records(source):
         try:

@@ -17,7 +17,7 @@ import torch
 
 from finetune import cli, hub, model as model_lib
 from finetune.errors import FinetuneError
-from finetune.export import merge
+from finetune.merge import merge
 from finetune.recipe import ModelSection, load
 
 PROJECT = Path(__file__).resolve().parent.parent

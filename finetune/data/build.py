@@ -13,19 +13,18 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
-from finetune.data import formats, sources
-from finetune.data.readers import READERS, Reader, Source
+from finetune import runs
+from finetune.config import resolve_path
+from finetune.data import files, formats
+from finetune.data.readers import READERS, RawSource, Reader
 from finetune.errors import FinetuneError
 from finetune.model import cache_dir
-from finetune.recipe import DataSection, Recipe, SourceSection, resolve_path
+from finetune.recipe import DataSection, Recipe, SourceSection
 
-IGNORE = -100
+IGNORE = -100  # the label of a position that is not trained (PyTorch's cross-entropy ignore_index)
 log = logging.getLogger(__name__)
 
 
@@ -36,18 +35,18 @@ class Built:
     stats: dict = field(default_factory=dict)
 
 
-def source_of(section: SourceSection) -> Source:
+def raw_source(section: SourceSection) -> RawSource:
     path = resolve_path(section.path) if section.path else None
-    return Source(path=path, hub=section.hub, config=section.config, split=section.split, columns=dict(section.columns))
+    return RawSource(path=path, hub=section.hub, config=section.config, split=section.split, columns=dict(section.columns))
 
 
 def read_source(section: SourceSection, on_bad_row: str, seed: int) -> tuple[Reader, list[dict], int]:
     """Validated rows of one source (its limit applied after a seeded shuffle) and the skipped count."""
     reader = READERS[section.reader]
-    source = source_of(section)
+    source = raw_source(section)
     check = formats.CHECKS[reader.kind]
     rows, skipped = [], 0
-    with sources.skipping_bad_lines() if on_bad_row == "skip" else contextlib.nullcontext([]) as bad_lines:
+    with files.skipping_bad_lines() if on_bad_row == "skip" else contextlib.nullcontext([]) as bad_lines:
         for where, record in reader.records(source):
             try:
                 rows.append(check(reader.convert(record, where, source), where))
@@ -172,8 +171,9 @@ def build(recipe: Recipe, tokenizer) -> Built:
     if (folder / "stats.json").is_file():
         log.info("tokenized rows from cache %s", folder)
         cached = json.loads((folder / "stats.json").read_text())
-        train = load_from_disk(str(folder / "train"))
-        evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+        with _no_progress_bars():
+            train = load_from_disk(str(folder / "train"))
+            evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
         return Built(train, evaluation, {**stats, **cached, "cache": str(folder), "cache_hit": True})
 
     train_tokens, too_long = _tokenize_all(tokenizer, train_rows, recipe.data.max_length)
@@ -196,17 +196,26 @@ def build(recipe: Recipe, tokenizer) -> Built:
     return Built(train, evaluation, {**stats, **token_stats, "cache": str(folder), "cache_hit": False})
 
 
-def _save_cache(folder, train, evaluation, token_stats: dict) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+@contextlib.contextmanager
+def _no_progress_bars():
+    """The token cache is ours, not the user's business: no "Saving the dataset" bars around the real output."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
     try:
-        train.save_to_disk(os.path.join(tmp, "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(os.path.join(tmp, "eval"))
-        with open(os.path.join(tmp, "stats.json"), "w") as f:
-            json.dump(token_stats, f)
-        os.replace(tmp, folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "stats.json").is_file():
-            log.warning("could not cache tokenized rows in %s (%s); continuing without the cache", folder, e)
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _save_cache(folder, train, evaluation, token_stats: dict) -> None:
+    try:
+        with _no_progress_bars(), runs.staged(folder, folder=True) as tmp:
+            train.save_to_disk(str(tmp / "train"))
+            if evaluation is not None:
+                evaluation.save_to_disk(str(tmp / "eval"))
+            (tmp / "stats.json").write_text(json.dumps(token_stats))
+    except OSError as e:  # a cache that cannot be written costs the next run time, never this run
+        log.warning("could not cache tokenized rows in %s (%s); continuing without the cache", folder, e)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from finetune.data import readers, sources
+from finetune.data import files, readers
 from finetune.data.formats import bad_row, qa_answer, qa_prompt
 from finetune.errors import FinetuneError
 
@@ -40,17 +40,17 @@ def markdown_table(rows: list[list]) -> str:
 # ---------------------------------------------------------------- TAT-QA
 
 
-def _tatqa_contexts(source: readers.Source, reader: str) -> Iterator[tuple[str, object]]:
+def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[str, object]]:
     """Every context (one report table and its paragraphs) of a TAT-QA file, with where it is."""
-    path = sources.local_path(source.path, source.hub, reader)
-    data = sources.read_json(path)
+    path = files.local_path(source.path, source.hub, reader)
+    data = files.parse_json(path)
     if not isinstance(data, list):
         raise FinetuneError(f"{path}: expected TAT-QA's layout (a list of contexts with table, paragraphs, questions), found a {type(data).__name__}")
     for index, context in enumerate(data):
         yield f"{path}: context {index}", context
 
 
-def tatqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def tatqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """Every question of every context."""
     for where, context in _tatqa_contexts(source, "tatqa"):
         questions = context.get("questions") if isinstance(context, dict) else None
@@ -72,7 +72,7 @@ def _tatqa_context(context: dict, where: str) -> str:
     return "\n\n".join([markdown_table(table), *texts])
 
 
-def tatqa_convert(record: dict, where: str, source: readers.Source) -> dict:
+def tatqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     question = record["question"]
     if not isinstance(question, dict):
         raise bad_row(where, "questions[]", "an object with question, answer, scale", question)
@@ -96,12 +96,12 @@ def tatqa_convert(record: dict, where: str, source: readers.Source) -> dict:
     }
 
 
-def tatqa_conversation_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def tatqa_conversation_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """Every context with all of its questions."""
     yield from _tatqa_contexts(source, "tatqa_conversation")
 
 
-def tatqa_conversation_convert(record: dict, where: str, source: readers.Source) -> dict:
+def tatqa_conversation_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """A context's questions, in TAT-QA's order, as one conversation: the first user turn is exactly the
     `tatqa` reader's prompt for the first question (table, paragraphs, question); every later question
     is a follow-up turn. Every answer is trained, and the report's text is read once, not once per question."""
@@ -122,10 +122,10 @@ def tatqa_conversation_convert(record: dict, where: str, source: readers.Source)
 # ---------------------------------------------------------------- ConvFinQA
 
 
-def convfinqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def convfinqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """The conversations of the restructured ConvFinQA file ({"dev": [...]}; any split key it holds)."""
-    path = sources.local_path(source.path, source.hub, "convfinqa")
-    data = sources.read_json(path)
+    path = files.local_path(source.path, source.hub, "convfinqa")
+    data = files.parse_json(path)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise FinetuneError(f"{path}: expected the restructured ConvFinQA layout ({{\"dev\": [conversations]}}), found a {type(data).__name__}")
     if source.split in data:
@@ -149,7 +149,7 @@ def _convfinqa_table(table, where: str) -> str:
     return markdown_table(rows)
 
 
-def convfinqa_convert(record: dict, where: str, source: readers.Source) -> dict:
+def convfinqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("doc"), dict) or not isinstance(record.get("dialogue"), dict):
         raise bad_row(where, "(record)", "an object with id, doc and dialogue", record)
     doc, dialogue = record["doc"], record["dialogue"]
@@ -178,15 +178,15 @@ def convfinqa_convert(record: dict, where: str, source: readers.Source) -> dict:
 # ---------------------------------------------------------------- Financial PhraseBank
 
 
-def phrasebank_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def phrasebank_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """`sentence@label` lines; the upstream Sentences_*.txt files are Latin-1, read_text falls back to it."""
-    path = sources.local_path(source.path, source.hub, "phrasebank")
-    for number, line in enumerate(sources.read_text(path).splitlines(), start=1):
+    path = files.local_path(source.path, source.hub, "phrasebank")
+    for number, line in enumerate(files.read_text(path).splitlines(), start=1):
         if line.strip():
             yield f"{path}:{number}", {"line": line}
 
 
-def phrasebank_convert(record: dict, where: str, source: readers.Source) -> dict:
+def phrasebank_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     sentence, at, label = record["line"].rpartition("@")
     label = label.strip()
     if not at or label not in PHRASEBANK_LABELS:

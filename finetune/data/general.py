@@ -34,7 +34,7 @@ def _record(record, where: str, fields: str) -> dict:
     return record
 
 
-def sharegpt_convert(record: dict, where: str, source: readers.Source) -> dict:
+def sharegpt_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     turns = _record(record, where, "conversations").get("conversations")
     if not isinstance(turns, list) or not turns:
         raise bad_row(where, "conversations", "a non-empty list of {from, value} turns", turns)
@@ -50,7 +50,7 @@ def sharegpt_convert(record: dict, where: str, source: readers.Source) -> dict:
     return {"messages": messages}
 
 
-def alpaca_convert(record: dict, where: str, source: readers.Source) -> dict:
+def alpaca_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "instruction, input, output")
     instruction = _string(record, "instruction", where)
     extra = _string(record, "input", where, optional=True)
@@ -58,25 +58,25 @@ def alpaca_convert(record: dict, where: str, source: readers.Source) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(record, "output", where)}]}
 
 
-def prompt_completion_convert(record: dict, where: str, source: readers.Source) -> dict:
+def prompt_completion_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "prompt, completion")
     prompt = _string(record, "prompt", where)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(record, "completion", where)}]}
 
 
-def mmlu_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def mmlu_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     # MMLU's per-subject CSVs have no header row; the subject is only in the file name.
     yield from source.records(header=False)
 
 
-def _mmlu_subject(source: readers.Source) -> str | None:
+def _mmlu_subject(source: readers.RawSource) -> str | None:
     if source.path is None:
         return None
     stem = source.path.name.removesuffix(".gz").rsplit(".", 1)[0]
     return re.sub(r"_(test|dev|val)$", "", stem).replace("_", " ") or None
 
 
-def mmlu_convert(record: dict, where: str, source: readers.Source) -> dict:
+def mmlu_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "6 columns: question, A, B, C, D, answer")
     if len(record) != 6:
         raise bad_row(where, "(columns)", "6 columns: question, A, B, C, D, answer letter", list(record.values()))
@@ -95,7 +95,7 @@ def mmlu_convert(record: dict, where: str, source: readers.Source) -> dict:
     }
 
 
-def mcq_convert(record: dict, where: str, source: readers.Source) -> dict:
+def mcq_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "question, options, answer")
     options = record.get("options")
     if isinstance(options, list) and 2 <= len(options) <= len(string.ascii_uppercase):
@@ -119,7 +119,7 @@ def mcq_convert(record: dict, where: str, source: readers.Source) -> dict:
     }
 
 
-def preference_convert(record: dict, where: str, source: readers.Source) -> dict:
+def preference_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "prompt, chosen, rejected")
     prompt = _string(record, "prompt", where)
     return {
@@ -129,7 +129,7 @@ def preference_convert(record: dict, where: str, source: readers.Source) -> dict
     }
 
 
-def preference_messages_convert(record: dict, where: str, source: readers.Source) -> dict:
+def preference_messages_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "prompt, chosen, rejected")
     prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
     # TRL's "implicit prompt" layout: no prompt field, chosen and rejected are whole conversations
@@ -155,7 +155,7 @@ def _hh_turns(transcript, where: str, field: str) -> list[dict]:
     ]
 
 
-def hh_rlhf_convert(record: dict, where: str, source: readers.Source) -> dict:
+def hh_rlhf_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "chosen, rejected")
     chosen = _hh_turns(record.get("chosen"), where, "chosen")
     rejected = _hh_turns(record.get("rejected"), where, "rejected")

@@ -6,7 +6,7 @@ import ast
 import re
 from collections.abc import Iterator
 
-from finetune.data import readers, sources
+from finetune.data import files, readers
 from finetune.data.formats import bad_row
 from finetune.errors import FinetuneError
 
@@ -85,10 +85,10 @@ def _fit(pieces: list[str], budget: int = CONTEXT_CHARS) -> str:
 # ---------------------------------------------------------------- ContractNLI
 
 
-def contractnli_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def contractnli_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """One record per (document, hypothesis): every document is annotated for every hypothesis in `labels`."""
-    path = sources.local_path(source.path, source.hub, "contractnli")
-    data = sources.read_json(path)
+    path = files.local_path(source.path, source.hub, "contractnli")
+    data = files.parse_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("labels"), dict) or not isinstance(data.get("documents"), list):
         found = list(data) if isinstance(data, dict) else type(data).__name__
         raise FinetuneError(f"{path}: expected ContractNLI's layout (an object with 'labels' and 'documents'), found {found}; point data.sources[].path at train.json, dev.json or test.json")
@@ -141,7 +141,7 @@ def _excerpt(text: str, spans: list[list[int]], anchors: list[int]) -> str:
     return lead + GAP.join(runs) + tail
 
 
-def contractnli_convert(record: dict, where: str, source: readers.Source) -> dict:
+def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     document, hypothesis_id = record["document"], record["hypothesis_id"]
     if not isinstance(document, dict):
         raise bad_row(where, "documents[]", "an object with text, spans, annotation_sets", document)
@@ -185,7 +185,7 @@ def contractnli_convert(record: dict, where: str, source: readers.Source) -> dic
 # ---------------------------------------------------------------- CUAD
 
 
-def cuad_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def cuad_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """Two records per present clause: is it its own category (Yes), is it a category the contract lacks (No).
 
     CUAD has no contract texts, and a category marked No has no clause, so "clause text -> Yes/No"
@@ -214,7 +214,7 @@ def cuad_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
                 yield f"{where} ({category} asked as {asked})", {**record, "asked": asked, "answer": "No"}
 
 
-def cuad_convert(record: dict, where: str, source: readers.Source) -> dict:
+def cuad_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     try:
         excerpts = ast.literal_eval(record["clause"])
     except (ValueError, SyntaxError):
@@ -236,21 +236,21 @@ def cuad_convert(record: dict, where: str, source: readers.Source) -> dict:
 # ---------------------------------------------------------------- LegalBench
 
 
-def _legalbench_card(source: readers.Source) -> tuple[str | None, str | None]:
+def _legalbench_card(source: readers.RawSource) -> tuple[str | None, str | None]:
     """The task's one-line description (the card's '###' heading) and its '**Task type**', when the card sits beside the file."""
     if source.path is None:
         return None, None
     cards = [p for p in source.path.parent.iterdir() if p.name.lower() == "readme.md"]
     if not cards:
         return None, None
-    card = sources.read_text(cards[0])
+    card = files.read_text(cards[0])
     heading = re.search(r"^###\s*(.+)$", card, re.M)
     task_type = re.search(r"\*\*Task type\*\*:\s*(.+)", card)
     instruction = heading.group(1).replace("*", "").strip() if heading else None
     return instruction, task_type.group(1).strip() if task_type else None
 
 
-def legalbench_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def legalbench_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """A task file's rows, each carrying the task's label set (the answers seen in the whole file) and instruction."""
     task = source.path.parent.name if source.path else source.config or source.name
     rows = list(source.records())
@@ -275,7 +275,7 @@ def legalbench_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
         yield where, {"row": record, "labels": labels, "instruction": instruction, "task": task}
 
 
-def legalbench_convert(record: dict, where: str, source: readers.Source) -> dict:
+def legalbench_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     row = record["row"]
     answer = str(row.get("answer", "")).strip()
     if answer not in record["labels"]:

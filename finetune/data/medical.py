@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from finetune.data import readers, sources
+from finetune.data import files, readers
 from finetune.data.formats import bad_row
 from finetune.errors import FinetuneError
 
@@ -13,21 +13,21 @@ PUBMEDQA_SPLITS = ("train", "test", "all")
 MEDMCQA_LABELS = ("A", "B", "C", "D")
 
 
-def _pubmedqa_test_pmids(source: readers.Source) -> set[str]:
+def _pubmedqa_test_pmids(source: readers.RawSource) -> set[str]:
     ground_truth = source.path.parent / "test_ground_truth.json"
     if not ground_truth.is_file():
         raise FinetuneError(
             f"{source.path}: split {source.split}: test_ground_truth.json (the 500 official test PMIDs) must sit beside "
             "ori_pqal.json so the test questions are never trained on; copy it from the PubMedQA repository"
         )
-    return set(sources.read_json(ground_truth))
+    return set(files.parse_json(ground_truth))
 
 
-def pubmedqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
+def pubmedqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """ori_pqal.json is an object keyed by PMID; `split` picks the non-test PMIDs (train), the official test ones, or all."""
     if source.split not in PUBMEDQA_SPLITS:
         raise FinetuneError(f"data.sources[].split: pubmedqa has splits {', '.join(PUBMEDQA_SPLITS)}, got {source.split!r}")
-    data = sources.read_json(sources.local_path(source.path, source.hub, "pubmedqa"))
+    data = files.parse_json(files.local_path(source.path, source.hub, "pubmedqa"))
     if not isinstance(data, dict):
         raise FinetuneError(f"{source.path}: expected PubMedQA's ori_pqal.json layout (an object keyed by PMID), found a {type(data).__name__}")
     test = _pubmedqa_test_pmids(source) if source.split != "all" else set()
@@ -37,7 +37,7 @@ def pubmedqa_records(source: readers.Source) -> Iterator[tuple[str, dict]]:
         yield f"{source.path}: PMID {pmid}", {"pmid": pmid, **record} if isinstance(record, dict) else record
 
 
-def pubmedqa_convert(record: dict, where: str, source: readers.Source) -> dict:
+def pubmedqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     if not isinstance(record, dict):
         raise bad_row(where, "(record)", "an object with QUESTION, CONTEXTS, final_decision", record)
     contexts = record.get("CONTEXTS")
@@ -61,7 +61,7 @@ def pubmedqa_convert(record: dict, where: str, source: readers.Source) -> dict:
     }
 
 
-def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.Source) -> dict:
+def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """PubMedQA's reasoning-free setting: the question asked of the abstract's conclusion (LONG_ANSWER)
     instead of its other sections, so the label follows from a sentence that states the finding."""
     row = pubmedqa_convert(record, where, source)
@@ -70,7 +70,7 @@ def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.So
     return {**row, "id": f"pubmedqa-conclusion-{record['pmid']}", "context": row["explanation"], "explanation": None}
 
 
-def medmcqa_convert(record: dict, where: str, source: readers.Source) -> dict:
+def medmcqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     if not isinstance(record, dict):
         raise bad_row(where, "(record)", "an object with question, options, answer_idx", record)
     options = record.get("options")

@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.data import sources
+from finetune.config import suggest
+from finetune.data import files
 
 
 @dataclass(frozen=True)
-class Source:
-    """What a reader gets from the recipe's data.sources[] entry."""
+class RawSource:
+    """Where a reader's raw records come from: a recipe's data.sources[] entry (or an eval task) with its path resolved."""
 
     path: Path | None
     hub: str | None = None
@@ -27,9 +28,9 @@ class Source:
     columns: dict[str, str] = field(default_factory=dict)
 
     def records(self, header: bool = True) -> Iterator[tuple[str, dict]]:
-        raw = sources.hub_records(self.hub, self.config, self.split) if self.hub else sources.records(self.path, header)
+        raw = files.hub_records(self.hub, self.config, self.split) if self.hub else files.records(self.path, header)
         for where, record in raw:
-            yield where, sources.rename(record, self.columns, where) if isinstance(record, dict) else record
+            yield where, files.rename(record, self.columns, where) if isinstance(record, dict) else record
 
     @property
     def name(self) -> str:
@@ -40,8 +41,8 @@ class Source:
 class Reader:
     name: str
     kind: str  # the row kind it yields: sft | mcq | qa | preference
-    records: Callable[[Source], Iterator[tuple[str, dict]]]
-    convert: Callable[[dict, str, Source], dict]
+    records: Callable[[RawSource], Iterator[tuple[str, dict]]]
+    convert: Callable[[dict, str, RawSource], dict]
     description: str
     card: str = ""  # datasets/<card>, the source's origin, license and schema
     license: str = ""
@@ -49,11 +50,11 @@ class Reader:
     version: int = 1
 
 
-def default_records(source: Source) -> Iterator[tuple[str, dict]]:
+def default_records(source: RawSource) -> Iterator[tuple[str, dict]]:
     yield from source.records()
 
 
-def _messages(record: dict, where: str, source: Source) -> dict:
+def _messages(record: dict, where: str, source: RawSource) -> dict:
     return {"messages": record.get("messages")}
 
 
@@ -63,6 +64,13 @@ READERS: dict[str, Reader] = {}
 def register(reader: Reader) -> Reader:
     READERS[reader.name] = reader
     return reader
+
+
+def check_reader(name: str) -> str:
+    """A schema validator's check of a reader name: a ValueError with a did-you-mean for an unknown one."""
+    if name not in READERS:
+        raise ValueError(f"unknown reader {name!r}{suggest(name, READERS)}; known: {', '.join(sorted(READERS))}")
+    return name
 
 
 register(
@@ -77,5 +85,9 @@ register(
 )
 
 # Domain readers register themselves on import.
-from finetune.data import medical  # noqa: E402,F401
-from finetune.data import finance, general, legal  # noqa: E402,F401
+from finetune.data import (  # noqa: E402,F401
+    finance,
+    general,
+    legal,
+    medical,  # noqa: E402,F401
+)

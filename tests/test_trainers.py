@@ -12,7 +12,7 @@ from cli_runs import ROWS
 from finetune import adapters, model as model_lib
 from finetune.data.build import tokenize
 from finetune.batching import EpochSeededLengthGroupedSampler, LeftPaddingCollator
-from finetune.sft_trainer import TrainedPositionsSFTTrainer, trained_positions
+from finetune.trainers import TrainedPositionsSFTTrainer, trained_positions
 from finetune.recipe import AdapterSection, ModelSection
 
 

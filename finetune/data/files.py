@@ -58,7 +58,7 @@ def local_path(path: Path | None, hub: str | None, reader: str) -> Path:
     return path
 
 
-def read_json(path: Path):
+def parse_json(path: Path):
     text = read_text(path)
     try:
         return json.loads(text)
@@ -143,7 +143,7 @@ def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
     if suffix == ".jsonl":
         yield from _jsonl(path)
     elif suffix == ".json":
-        data = read_json(path)
+        data = parse_json(path)
         items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
         if items is None:
             raise FinetuneError(f"{path}: expected a JSON list of records (or an object of records), found {type(data).__name__}")

@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer as the toolkit runs it: length grouping that a resumed run reproduces, and on CPU an LM head
+"""TRL's SFTTrainer as the toolkit runs it (EpochSeededSFTTrainer, TrainedPositionsSFTTrainer): length grouping that a resumed run reproduces, and on CPU an LM head
 that projects only the positions that are trained.
 
 With assistant-only labels most positions of a row are prompt, and the LM head (hidden x vocab,
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 import trl
 
-from finetune.batching import IGNORE, EpochSeededLengthGroupedSampler
+from finetune.batching import EpochSeededLengthGroupedSampler
+from finetune.data.build import IGNORE
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
 
 
-class SFTTrainer(trl.SFTTrainer):
+class EpochSeededSFTTrainer(trl.SFTTrainer):
     def _get_train_sampler(self, dataset=None):
         # transformers' LengthGroupedSampler draws from the global RNG, whose state a resumed run does not have
         # when it starts a later epoch; this one is seeded per epoch.
@@ -40,7 +41,7 @@ class SFTTrainer(trl.SFTTrainer):
                                                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
 
-class TrainedPositionsSFTTrainer(SFTTrainer):
+class TrainedPositionsSFTTrainer(EpochSeededSFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]

@@ -1,24 +1,24 @@
-"""Plots and tables made from a run's logs."""
+"""Plots of a run: the training loss, DPO rewards, and base vs adapter per eval task."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from finetune.runs import read_metrics
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, and no GUI backend to start
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_loss(metrics: Path, target: Path, title: str = "") -> Path | None:
     """loss.png: training loss per step, and eval loss where it was measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = read_metrics(metrics)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evaluation = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -34,18 +34,14 @@ def plot_loss(metrics: Path, target: Path, title: str = "") -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(target)
+    fig.savefig(target, format="png")
     plt.close(fig)
     return target
 
 
 def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
     """rewards.png for DPO: implicit rewards of chosen and rejected answers, their margin, and the accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = [r for r in read_metrics(metrics) if "rewards/chosen" in r]
     if not records:
         return None
@@ -63,6 +59,32 @@ def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
     accuracy.set_ylabel("reward accuracy (chosen > rejected)")
     fig.suptitle(title or "DPO rewards")
     fig.tight_layout()
-    fig.savefig(target)
+    fig.savefig(target, format="png")
+    plt.close(fig)
+    return target
+
+
+def plot_eval(result: dict, target: Path) -> Path:
+    """eval.png: base vs adapter per task, the adapter bar carrying the 95% interval of the delta."""
+    plt = _pyplot()
+    names = list(result["tasks"])
+    rows = [result["tasks"][n] for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 4.0), dpi=100)
+    ax.bar([i - 0.2 for i in x], [r["base"] for r in rows], width=0.4, label="base", color="tab:gray")
+    if all(r["adapter"] is not None for r in rows):
+        low = [r["delta"] - r["ci95"][0] for r in rows]
+        high = [r["ci95"][1] - r["delta"] for r in rows]
+        colors = ["tab:red" if r["regression"] else "tab:blue" for r in rows]
+        ax.bar([i + 0.2 for i in x], [r["adapter"] for r in rows], width=0.4, yerr=[low, high], capsize=4,
+               label="adapter (95% CI of delta)", color=colors)
+    ax.set_xticks(list(x), [f"{n}\n({r['metric']}, n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title(f"eval suite {result['suite']}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, format="png")
     plt.close(fig)
     return target

@@ -1,0 +1,71 @@
+"""The evaluation report: eval.json, the Markdown table (eval.md, and what the CLI prints) and eval.png."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune import plots, runs
+
+log = logging.getLogger(__name__)
+
+
+def regressions(result: dict) -> list[str]:
+    """Tasks whose whole 95% interval of the delta lies below zero."""
+    return [name for name, task in result.get("tasks", {}).items() if task.get("regression")]
+
+
+def ci_text(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "–"
+
+
+def _score(value) -> str:
+    return f"{value:.3f}" if value is not None else "–"
+
+
+def table(result: dict) -> str:
+    """The Markdown table of eval.md (the CLI prints it)."""
+    has_merged = any("merged" in t for t in result["tasks"].values())
+    head = ["task", "metric", "n", "base", "adapter", *(["merged"] if has_merged else []), "delta", "95% CI of delta", ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", "---:", "---:", "---:", *(["---:"] if has_merged else []), "---:", "---", "---"]) + "|"]
+    for name, t in result["tasks"].items():
+        delta = f"{t['delta']:+.3f}" if t["delta"] is not None else "–"
+        cells = [name, t["metric"], str(t["n"]), _score(t["base"]), _score(t["adapter"]), *([_score(t.get("merged"))] if has_merged else []),
+                 delta, ci_text(t["ci95"]), "**REGRESSION**" if t["regression"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    b = result["bootstrap"]
+    lines = [
+        f"# Evaluation: suite `{result['suite']}` on `{result['target']}`",
+        "",
+        table(result),
+        "",
+        f"Scores are fractions of examples (accuracy: option log-likelihood per token; accuracy_sum: summed; "
+        f"qa: greedy answers). The 95% interval is a paired bootstrap of the delta over examples "
+        f"({b['resamples']} resamples, seed {b['seed']}); REGRESSION marks an interval entirely below 0.",
+    ]
+    picks = [
+        f"- `{name}`: " + "; ".join(f"{who} " + ", ".join(f"{option} {count}" for option, count in counts.items()) for who, counts in t["label_counts"].items())
+        for name, t in result["tasks"].items() if "label_counts" in t
+    ]
+    if picks:
+        lines += ["", "Options picked (gold = how often each is the answer):", "", *picks]
+    reused = [name for name, t in result["tasks"].items() if "base" in t.get("cached", [])]
+    if reused:
+        lines += ["", f"Base scores of {', '.join(reused)} were reused from an earlier evaluation of the same base on the same prompts (`finetune eval --no-cache` scores them again)."]
+    found = regressions(result)
+    if found:
+        lines += ["", f"**Warning: the adapter regresses on {', '.join(found)}.**"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, folder: Path) -> None:
+    """eval.json, eval.md and eval.png in the folder."""
+    runs.write_json(folder / "eval.json", result)
+    runs.write_text(folder / "eval.md", markdown(result))
+    with runs.staged(folder / "eval.png") as tmp:
+        plots.plot_eval(result, tmp)
+    log.info("wrote %s, eval.md, eval.png", folder / "eval.json")

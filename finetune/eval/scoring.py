@@ -1,0 +1,149 @@
+"""Scoring one model on a task's examples: option log-likelihood for multiple choice, greedy answers for QA."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.eval.metrics import exact_match, numeric_match, token_f1
+from finetune.eval.suite import Task
+
+
+def score_task(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> dict:
+    """Per-example scores of every metric for one model, plus its predictions (the picked option, or the answer)."""
+    started = time.perf_counter()
+    if task.kind == "mcq":
+        per_example, predictions = score_mcq(model, tokenizer, items, task, batch_size)
+    else:
+        per_example, predictions = score_qa(model, tokenizer, items, task, batch_size)
+    return {"per_example": per_example, "predictions": predictions, "seconds": time.perf_counter() - started}
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def option_logprobs(model, tokenizer, prompts: list[list[int]], options: list[list[str]], batch_size: int = 8) -> list[list[tuple[float, int]]]:
+    """(summed log-prob, token count) of every option as the continuation of its prompt's token ids.
+
+    Options are tokenized on their own and appended to the prompt ids, so an option's tokens are the
+    same whatever the prompt ends with. Each batch of prompts is run once, padded on the right, and
+    its key/value cache is reused for every option: option j of every prompt is fed after the cache
+    (padding masked out, positions continuing each prompt's own length), then the cache is cropped
+    back to the prompts. An example with k options costs one prompt pass plus k passes over a few
+    option tokens, instead of k passes over prompt + option.
+    """
+    from transformers import DynamicCache
+
+    pad = tokenizer.pad_token_id
+    option_ids = []
+    for labels in options:
+        encoded = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+        for label, ids in zip(labels, encoded):
+            if not ids:
+                raise FinetuneError(f"option {label!r} has no tokens; an option label must be non-empty text")
+        option_ids.append(encoded)
+    # Longest first: batches hold similar lengths (less padding) and an out-of-memory shows at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    scores = [[(0.0, 0)] * len(labels) for labels in options]
+    device = model.device
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = torch.tensor([len(prompts[i]) for i in batch])
+        width = int(lengths.max())
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
+            mask[row, : len(prompts[i])] = 1
+        cache = DynamicCache(config=model.config)
+        first = int(lengths.min()) - 1  # earliest logit position any prompt's last token sits at
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True, logits_to_keep=width - first).logits
+        last = torch.log_softmax(logits[torch.arange(len(batch)), lengths - 1 - first].float(), dim=-1).cpu()
+        for j in range(max(len(option_ids[i]) for i in batch)):
+            rows = [(row, option_ids[i][j]) for row, i in enumerate(batch) if j < len(option_ids[i])]
+            # The first option token is scored by the prompt's last logit; the rest need the option fed in.
+            span = max(len(o) for _, o in rows) - 1
+            if span:
+                tail = torch.full((len(batch), span), pad, dtype=torch.long)
+                tail_mask = torch.zeros((len(batch), span), dtype=torch.long)
+                for row, o in rows:
+                    tail[row, : len(o) - 1] = torch.tensor(o[:-1])
+                    tail_mask[row, : len(o) - 1] = 1
+                positions = lengths[:, None] + torch.arange(span)[None, :]
+                out = model(
+                    input_ids=tail.to(device), attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                )
+                following = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+                cache.crop(-span)
+            for row, o in rows:
+                total = last[row, o[0]].item()
+                if len(o) > 1:
+                    total += following[row, torch.arange(len(o) - 1), torch.tensor(o[1:])].sum().item()
+                scores[batch[row]][j] = (total, len(o))
+    return scores
+
+
+def choose(scores: list[tuple[float, int]], normalise: bool = True) -> int:
+    """Index of the best option: by mean log-prob per token (normalise) or by the summed log-prob; first wins ties."""
+    values = [total / count if normalise else total for total, count in scores]
+    return max(range(len(values)), key=lambda k: values[k])
+
+
+def score_mcq(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> tuple[dict[str, list[float]], list[str]]:
+    """Per-example accuracy (normalised and summed) and the option each example picks by the task's metric."""
+    prompts = [encode_prompt(tokenizer, it["messages"]) for it in items]
+    scores = option_logprobs(model, tokenizer, prompts, [it["options"] for it in items], batch_size)
+    per_example, picked = {"accuracy": [], "accuracy_sum": []}, []
+    for it, option_scores in zip(items, scores):
+        gold = it["options"].index(it["answer"])
+        per_example["accuracy"].append(float(choose(option_scores, True) == gold))
+        per_example["accuracy_sum"].append(float(choose(option_scores, False) == gold))
+        picked.append(it["options"][choose(option_scores, task.metric == "accuracy")])
+    return per_example, picked
+
+
+# ---------------------------------------------------------------- generation
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy answers, batched with left padding so every prompt ends where generation starts.
+
+    Prompts are batched longest first, so a batch holds similar lengths and little of the prefill
+    is spent on padding; the answers come back in the order of `conversations`."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    answers = [""] * len(texts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = tokenizer([texts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+            new = output[:, inputs["input_ids"].shape[1] :]
+            for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def score_qa(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> tuple[dict[str, list[float]], list[str]]:
+    predictions = generate_batch(model, tokenizer, [it["messages"] for it in items], task.max_new_tokens, batch_size)
+    per_example = {"numeric_match": [], "exact_match": [], "f1": []}
+    for it, prediction in zip(items, predictions):
+        per_example["exact_match"].append(exact_match(prediction, it["answer"]))
+        per_example["f1"].append(token_f1(prediction, it["answer"]))
+        per_example["numeric_match"].append(numeric_match(prediction, it["answer"], task.tolerance))
+    return per_example, predictions
