@@ -17,8 +17,19 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 
-def train(model_dir: str, rows: str, chat_template: str, output_dir: str, steps: int, batch_size: int,
-          learning_rate: float, r: int, alpha: int, dropout: float, seed: int = 42) -> SFTTrainer:
+def train(
+    model_dir: str,
+    rows: str,
+    chat_template: str,
+    output_dir: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    r: int,
+    alpha: int,
+    dropout: float,
+    seed: int = 42,
+) -> SFTTrainer:
     dataset = load_dataset("json", data_files=rows, split="train")
     args = SFTConfig(
         output_dir=output_dir,
@@ -34,7 +45,9 @@ def train(model_dir: str, rows: str, chat_template: str, output_dir: str, steps:
         save_strategy="no",
         report_to="none",
     )
-    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     trainer = SFTTrainer(model=model_dir, args=args, train_dataset=dataset, peft_config=peft_config)
     trainer.train()
     return trainer
@@ -51,7 +64,18 @@ def main() -> None:
     parser.add_argument("--alpha", type=int, default=32)
     parser.add_argument("--dropout", type=float, default=0.05)
     a = parser.parse_args()
-    train(a.model_dir, a.rows, a.chat_template, a.output_dir, a.steps, a.batch_size, a.learning_rate, a.r, a.alpha, a.dropout)
+    train(
+        a.model_dir,
+        a.rows,
+        a.chat_template,
+        a.output_dir,
+        a.steps,
+        a.batch_size,
+        a.learning_rate,
+        a.r,
+        a.alpha,
+        a.dropout,
+    )
 
 
 if __name__ == "__main__":

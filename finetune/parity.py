@@ -7,7 +7,10 @@ import torch
 # Fixed, domain-neutral prompts: the parity checks must see the same inputs every time.
 PROMPTS = (
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a careful assistant."}, {"role": "user", "content": "Explain in one sentence why the sky is blue."}],
+    [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": "Explain in one sentence why the sky is blue."},
+    ],
     [{"role": "user", "content": "List three prime numbers greater than 10."}],
     [
         {"role": "user", "content": "Is water wet?"},
@@ -23,9 +26,12 @@ def prompt_ids(tokenizer) -> list[torch.Tensor]:
     """PROMPTS rendered with the tokenizer's chat template, ready for generation."""
     out = []
     for messages in PROMPTS:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
         out.append(torch.tensor([ids]))
     return out
+
 
 @torch.no_grad()
 def logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -34,6 +40,7 @@ def logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     model.eval()
     return [model(input_ids=ids.to(device), use_cache=False).logits[0].float().cpu() for ids in prompts]
 
+
 def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
     """Max |Δlogit| over every position of every prompt, and how often the top-1 token agrees."""
     gap = max(float((a - b).abs().max()) for a, b in zip(reference, other))
@@ -41,11 +48,18 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
     total = sum(a.shape[0] for a in reference)
     return {"max_abs_logit_diff": gap, "top1_agreement": same / total}
 
+
 @torch.no_grad()
 def greedy(model, tokenizer, prompts) -> list[str]:
     """GREEDY_TOKENS greedy tokens after each prompt, decoded with special tokens kept."""
     texts = []
     for ids in prompts:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False))
     return texts

@@ -24,7 +24,7 @@ class Outcome:
 
 
 def eval_suite(recipe: Recipe) -> str | None:
-    """The suite a run ends with, or None when the recipe asks for none (or 'auto' finds none); a wrong name fails now."""
+    """The suite a run ends with, or None when the recipe asks for none (or 'auto' finds none); bad names fail now."""
     from finetune.eval import load_suite, suite_for
 
     if recipe.eval.suite != "auto":

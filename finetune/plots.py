@@ -47,7 +47,11 @@ def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
         return None
     steps = [r["step"] for r in records]
     fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(10, 4.0), dpi=100)
-    for key, color in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red"), ("rewards/margins", "tab:blue")):
+    for key, color in (
+        ("rewards/chosen", "tab:green"),
+        ("rewards/rejected", "tab:red"),
+        ("rewards/margins", "tab:blue"),
+    ):
         rewards.plot(steps, [r[key] for r in records], label=key.split("/")[1], color=color)
     rewards.axhline(0, color="gray", lw=0.8)
     rewards.set_xlabel("optimizer step")
@@ -76,8 +80,15 @@ def plot_eval(result: dict, target: Path) -> Path:
         low = [r["delta"] - r["ci95"][0] for r in rows]
         high = [r["ci95"][1] - r["delta"] for r in rows]
         colors = ["tab:red" if r["regression"] else "tab:blue" for r in rows]
-        ax.bar([i + 0.2 for i in x], [r["adapter"] for r in rows], width=0.4, yerr=[low, high], capsize=4,
-               label="adapter (95% CI of delta)", color=colors)
+        ax.bar(
+            [i + 0.2 for i in x],
+            [r["adapter"] for r in rows],
+            width=0.4,
+            yerr=[low, high],
+            capsize=4,
+            label="adapter (95% CI of delta)",
+            color=colors,
+        )
     ax.set_xticks(list(x), [f"{n}\n({r['metric']}, n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")

@@ -67,13 +67,28 @@ class AdapterSection(Section):
 
 
 class SourceSection(Section):
-    path: str | None = Field(None, description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet); a relative path is looked up in the current folder, then in the project folder.")
-    hub: str | None = Field(None, description="Hugging Face data set id, read with datasets.load_dataset (needs network).")
+    path: str | None = Field(
+        None,
+        description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet); a relative path is looked up in the "
+        "current folder, then in the project folder.",
+    )
+    hub: str | None = Field(
+        None, description="Hugging Face data set id, read with datasets.load_dataset (needs network)."
+    )
     config: str | None = Field(None, description="Hub data set configuration name.")
-    split: str = Field("train", description="Which split to read. Domain readers define their own (e.g. pubmedqa: train = the non-test PMIDs).")
-    reader: str = Field("messages", description="How to turn the source's records into rows: see `finetune data readers`.")
-    columns: dict[str, str] = Field(default_factory=dict, description="Rename source fields to the reader's names: {reader_field: source_field}.")
-    limit: int | None = Field(None, gt=0, description="Take at most this many rows from the source (after its own shuffle by seed).")
+    split: str = Field(
+        "train",
+        description="Which split to read. Domain readers define their own (e.g. pubmedqa: train = the non-test PMIDs).",
+    )
+    reader: str = Field(
+        "messages", description="How to turn the source's records into rows: see `finetune data readers`."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source fields to the reader's names: {reader_field: source_field}."
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Take at most this many rows from the source (after its own shuffle by seed)."
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceSection:
@@ -92,12 +107,21 @@ class SourceSection(Section):
 class DataSection(Section):
     sources: list[SourceSection] = Field(..., min_length=1, description="One or more sources, mixed in order.")
     system_prompt: str | None = Field(None, description="System message put before every conversation that has none.")
-    max_length: int = Field(1024, gt=8, description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer).")
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss (deterministic by seed).")
-    on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed record stops the run ('error') or is skipped and counted ('skip').")
+    max_length: int = Field(
+        1024,
+        gt=8,
+        description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer).",
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss (deterministic by seed)."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A malformed record stops the run ('error') or is skipped and counted ('skip')."
+    )
     explanations: bool = Field(
         True,
-        description="Multiple-choice rows: the answer label is followed by the source's explanation (rationale, evidence) "
+        description="Multiple-choice rows: the answer label is followed by the source's explanation (rationale, "
+        "evidence) "
         "in SFT rows and chosen DPO responses; false trains the label alone, so all of the loss is on the answer that "
         "evaluation scores.",
     )
@@ -117,11 +141,15 @@ class TrainSection(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     batch_size: int = Field(4, gt=0, description="Rows per device per forward pass.")
     gradient_accumulation: int = Field(1, gt=0, description="Forward passes per optimizer step.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~40% slower.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~40% slower."
+    )
     group_by_length: bool = Field(
         True,
         description="SFT: batch rows of similar length together (batches are still shuffled), so little compute goes "
@@ -138,19 +166,40 @@ class TrainSection(Section):
         "checkpoint in output_dir/checkpoints by itself.",
     )
     eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval_fraction > 0).")
-    output_dir: str = Field("runs/{name}", description="Where the run writes; '{name}' is the recipe name. Relative to the current folder.")
+    output_dir: str = Field(
+        "runs/{name}", description="Where the run writes; '{name}' is the recipe name. Relative to the current folder."
+    )
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "exo_pair", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+DPO_LOSSES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "nca_pair",
+    "exo_pair",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
 
 
 class DpoSection(Section):
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer).")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer)."
+    )
     loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description=f"TRL's DPO loss: {', '.join(DPO_LOSSES)}.")
     precompute_ref_log_probs: bool = Field(
         False, description="Score the reference once before training (faster steps, same logs; ~1.6x on CPU)."
     )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust).")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust)."
+    )
 
 
 class EvalSection(Section):
@@ -159,15 +208,27 @@ class EvalSection(Section):
         description="Suite scored after training, base vs adapter: 'auto' (evals/NAME.yaml, or the suite named by a "
         "word of the recipe name; skipped when there is none), a suite name or .yaml path, or null to skip.",
     )
-    n: int | None = Field(None, gt=0, description="Score at most this many examples per task (default: the suite's own n).")
+    n: int | None = Field(
+        None, gt=0, description="Score at most this many examples per task (default: the suite's own n)."
+    )
 
 
 class ExportSection(Section):
-    merge: bool = Field(False, description="After training, merge the adapter into a full-precision base (RUN_DIR/merged) and check logit parity.")
-    merge_target: Literal["auto", "base", "dequantized"] = Field(
-        "auto", description="QLoRA runs: merge into the original base or the dequantized nf4 weights; 'auto' picks the one that reproduces the trained model."
+    merge: bool = Field(
+        False,
+        description="After training, merge the adapter into a full-precision base (RUN_DIR/merged) and check logit "
+        "parity.",
     )
-    gguf: Literal["f32", "f16", "q8_0"] | None = Field(None, description="After merging, write RUN_DIR/gguf/NAME-TYPE.gguf and an Ollama Modelfile, verified by reading it back.")
+    merge_target: Literal["auto", "base", "dequantized"] = Field(
+        "auto",
+        description="QLoRA runs: merge into the original base or the dequantized nf4 weights; 'auto' picks the one "
+        "that reproduces the trained model.",
+    )
+    gguf: Literal["f32", "f16", "q8_0"] | None = Field(
+        None,
+        description="After merging, write RUN_DIR/gguf/NAME-TYPE.gguf and an Ollama Modelfile, verified by reading it "
+        "back.",
+    )
 
 
 class Recipe(Section):
@@ -178,8 +239,12 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection, description="What `finetune run` scores after training.")
-    export: ExportSection = Field(default_factory=ExportSection, description="What `finetune run` does after training: merge, GGUF.")
-    dpo: DpoSection | None = Field(None, description="DPO settings; only with train.method: dpo (defaults apply when omitted).")
+    export: ExportSection = Field(
+        default_factory=ExportSection, description="What `finetune run` does after training: merge, GGUF."
+    )
+    dpo: DpoSection | None = Field(
+        None, description="DPO settings; only with train.method: dpo (defaults apply when omitted)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -197,7 +262,8 @@ class Recipe(Section):
                 kind = READERS[source.reader].kind
                 if kind not in ("preference", "mcq"):
                     raise ValueError(
-                        f"train.method dpo needs preference pairs, and data.sources.{index} (reader {source.reader}) gives {kind} rows; "
+                        f"train.method dpo needs preference pairs, and data.sources.{index} (reader {source.reader}) "
+                        f"gives {kind} rows; "
                         "use a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
                     )
         if self.train.method == "dpo" and self.dpo is None:
@@ -230,7 +296,14 @@ def schema_reference() -> str:
     """Every key with its type, default and description: the recipe reference."""
     lines = []
     for section_name, field in Recipe.model_fields.items():
-        annotation = next((t for t in getattr(field.annotation, "__args__", (field.annotation,)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        annotation = next(
+            (
+                t
+                for t in getattr(field.annotation, "__args__", (field.annotation,))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
         if annotation is not None:
             lines.append(f"{section_name}:")
             lines += _section_lines(annotation, "  ")

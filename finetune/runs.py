@@ -36,7 +36,17 @@ from finetune.errors import FinetuneError
 log = logging.getLogger(__name__)
 
 # The libraries whose versions change what a run computes: recorded in run.json, the model card and cache keys.
-LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "gguf", "huggingface_hub")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "gguf",
+    "huggingface_hub",
+)
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,9 @@ def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise FinetuneError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); delete it and run the step that writes it again") from None
+        raise FinetuneError(
+            f"{path}: invalid JSON ({e.msg} at line {e.lineno}); delete it and run the step that writes it again"
+        ) from None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -153,7 +165,9 @@ def finished_recipe(run_dir: Path):
 
     folder = RunFolder(Path(run_dir))
     if not folder.root.is_dir():
-        raise FinetuneError(f"{run_dir}: no such run folder; give the output folder of `finetune run` (train.output_dir)")
+        raise FinetuneError(
+            f"{run_dir}: no such run folder; give the output folder of `finetune run` (train.output_dir)"
+        )
     if not folder.recipe.is_file():
         raise FinetuneError(f"{run_dir}: not a run folder (no recipe.yaml); give the output folder of `finetune run`")
     if not folder.finished:
@@ -163,7 +177,9 @@ def finished_recipe(run_dir: Path):
     try:
         data = yaml.safe_load(folder.recipe.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise FinetuneError(f"{folder.recipe}: invalid YAML ({str(e).splitlines()[0]}); the run folder is damaged, train again") from None
+        raise FinetuneError(
+            f"{folder.recipe}: invalid YAML ({str(e).splitlines()[0]}); the run folder is damaged, train again"
+        ) from None
     return validate(data, str(folder.recipe))
 
 
@@ -171,14 +187,18 @@ def check_writable(out: Path, overwrite: bool) -> None:
     """Refuse a finished run (unless overwrite) or a folder that cannot be written, leaving nothing behind:
     the probe file goes into the nearest folder that exists, and is removed at once."""
     if RunFolder(out).finished and not overwrite:
-        raise FinetuneError(f"{out}: a finished run is already there; pass --overwrite to replace it, or set train.output_dir")
+        raise FinetuneError(
+            f"{out}: a finished run is already there; pass --overwrite to replace it, or set train.output_dir"
+        )
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-").close()
     except OSError as e:
-        raise FinetuneError(f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+        raise FinetuneError(
+            f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder"
+        ) from None
 
 
 def prepare(out: Path, overwrite: bool) -> None:
@@ -188,7 +208,9 @@ def prepare(out: Path, overwrite: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FinetuneError(f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+        raise FinetuneError(
+            f"train.output_dir: {out}: cannot write there ({e.strerror}); choose a writable folder"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -202,7 +224,9 @@ def exclusive(out: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FinetuneError(f"{out}: another run is writing there right now; wait for it or set train.output_dir") from None
+            raise FinetuneError(
+                f"{out}: another run is writing there right now; wait for it or set train.output_dir"
+            ) from None
         yield
 
 
@@ -220,7 +244,9 @@ def last_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint that was saved completely."""
     if not folder.is_dir():
         return None
-    steps = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit())
+    steps = sorted(
+        (int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+    )
     for _, checkpoint in reversed(steps):
         if is_complete(checkpoint):
             return checkpoint

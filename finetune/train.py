@@ -50,7 +50,10 @@ class MetricsLog(TrainerCallback):
                 last = runs.last_checkpoint(self.folder.checkpoints)
                 kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
                 name = "loss" if key == "loss" else "gradient norm"
-                raise FinetuneError(f"train: {name} became {value} at step {state.global_step}; lower train.learning_rate or check the data ({kept})")
+                raise FinetuneError(
+                    f"train: {name} became {value} at step {state.global_step}; lower train.learning_rate or check "
+                    f"the data ({kept})"
+                )
 
 
 def init_adapter(recipe: Recipe) -> Path | None:
@@ -67,9 +70,14 @@ def init_adapter(recipe: Recipe) -> Path | None:
         parent = recipe_lib.load(source)
         folder = runs.RunFolder(parent.output_dir)
         if not folder.finished:
-            raise FinetuneError(f"train.init_from: {source}: its run {folder.root} is not finished; `finetune run` trains it first")
+            raise FinetuneError(
+                f"train.init_from: {source}: its run {folder.root} is not finished; `finetune run` trains it first"
+            )
     if parent.model.base != recipe.model.base:
-        raise FinetuneError(f"train.init_from: {source} was trained on {parent.model.base}, not {recipe.model.base}; use the same model.base")
+        raise FinetuneError(
+            f"train.init_from: {source} was trained on {parent.model.base}, not {recipe.model.base}; use the same "
+            "model.base"
+        )
     return folder.adapter
 
 
@@ -79,8 +87,10 @@ def named_resume(recipe: Recipe) -> Path | None:
         return None
     checkpoint = resolve_path(recipe.train.resume)
     if not runs.is_complete(checkpoint):
-        raise FinetuneError(f"train.resume: {recipe.train.resume}: not a complete checkpoint (no readable trainer_state.json); "
-                            "name a checkpoint-N folder, or remove train.resume to use the newest complete one")
+        raise FinetuneError(
+            f"train.resume: {recipe.train.resume}: not a complete checkpoint (no readable trainer_state.json); "
+            "name a checkpoint-N folder, or remove train.resume to use the newest complete one"
+        )
     return checkpoint
 
 
@@ -149,11 +159,25 @@ def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
     )
     if model_lib.device() == "cpu":
         # TRL's fused LM head scores every position where Triton does not run: project only the trained ones.
-        return TrainedPositionsSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-                                          data_collator=LeftPaddingCollator(tokenizer.pad_token_id))
-    return EpochSeededSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        return TrainedPositionsSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+            data_collator=LeftPaddingCollator(tokenizer.pad_token_id),
+        )
+    return EpochSeededSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
 
 
 def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
@@ -168,8 +192,15 @@ def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
         label_smoothing=recipe.dpo.label_smoothing,
         precompute_ref_log_probs=recipe.dpo.precompute_ref_log_probs,
     )
-    return DPOTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    return DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
@@ -199,8 +230,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             shutil.rmtree(out, ignore_errors=True)
         reason = disk_full(e)
         if reason is not None:
-            raise FinetuneError(f"{out}: the disk is full ({reason}); free space or set train.output_dir on a bigger disk, "
-                                "then run the same command again to resume") from e
+            raise FinetuneError(
+                f"{out}: the disk is full ({reason}); free space or set train.output_dir on a bigger disk, "
+                "then run the same command again to resume"
+            ) from e
         raise
 
 
@@ -215,15 +248,21 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         peft_config = None
     else:
         peft_config = adapters.peft_config(recipe.adapter)
-    log.info("training rows: %d, eval rows: %d, dropped as too long: %d",
-             data.stats["train_rows"], data.stats["eval_rows"], data.stats["dropped_too_long"])
+    log.info(
+        "training rows: %d, eval rows: %d, dropped as too long: %d",
+        data.stats["train_rows"],
+        data.stats["eval_rows"],
+        data.stats["dropped_too_long"],
+    )
     if distributed.is_main():
         runs.write_text(folder.recipe, to_yaml(recipe))
         trim_metrics(folder.metrics, int(resume.name.split("-")[-1]) if resume else 0)
     if resume:
         log.info("resuming from %s", resume)
 
-    trainer = (dpo_trainer if dpo else sft_trainer)(recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out)
+    trainer = (dpo_trainer if dpo else sft_trainer)(
+        recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out
+    )
     # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
     # so keep trainable weights in the compute dtype.
     dtype = model_lib.compute_dtype(recipe.model)
@@ -260,7 +299,9 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         "wall_time_s": round(wall, 1),
         "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "tokens_trained": trained_tokens,
-        "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1) if trained_tokens else None,
+        "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1)
+        if trained_tokens
+        else None,
         "padding_fraction": padding_fraction(trainer) if not dpo else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,

@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer as the toolkit runs it (EpochSeededSFTTrainer, TrainedPositionsSFTTrainer): length grouping that a resumed run reproduces, and on CPU an LM head
+"""TRL's SFTTrainer as the toolkit runs it (EpochSeededSFTTrainer, TrainedPositionsSFTTrainer): length grouping that a
+resumed run reproduces, and on CPU an LM head
 that projects only the positions that are trained.
 
 With assistant-only labels most positions of a row are prompt, and the LM head (hidden x vocab,
@@ -37,8 +38,11 @@ class EpochSeededSFTTrainer(trl.SFTTrainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(dataset)
         lengths = [len(ids) for ids in dataset["input_ids"]]
-        return EpochSeededLengthGroupedSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                               self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return EpochSeededLengthGroupedSampler(
+            lengths,
+            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
 
 
 class TrainedPositionsSFTTrainer(EpochSeededSFTTrainer):
@@ -51,7 +55,9 @@ class TrainedPositionsSFTTrainer(EpochSeededSFTTrainer):
         targets = labels[:, keep + 1]
         trained = targets != IGNORE
         count = trained.sum() if num_items_in_batch is None else num_items_in_batch
-        nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        nll = F.cross_entropy(
+            outputs.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
         loss = nll / torch.as_tensor(count).clamp(min=1)
         # As in Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages the gradients.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -63,7 +69,11 @@ class TrainedPositionsSFTTrainer(EpochSeededSFTTrainer):
             correct = self.accelerator.gather_for_metrics(correct).sum()
             self._metrics[mode]["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
         if mode == "train":
-            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
+            real = (
+                inputs["attention_mask"].sum()
+                if "attention_mask" in inputs
+                else torch.tensor(inputs["input_ids"].numel())
+            )
             self._total_train_tokens += self.accelerator.gather_for_metrics(real.to(labels.device)).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss

@@ -20,7 +20,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # Plots worth showing outside the notebooks: (file the notebooks write under the output folder, name in --figures).
-FIGURES = (("runs/medical/loss.png", "loss.png"), ("runs/medical/eval.png", "eval.png"), ("runs/medical-dpo/rewards.png", "rewards.png"))
+FIGURES = (
+    ("runs/medical/loss.png", "loss.png"),
+    ("runs/medical/eval.png", "eval.png"),
+    ("runs/medical-dpo/rewards.png", "rewards.png"),
+)
 
 
 def notebooks(prefixes: list[str]) -> list[Path]:
@@ -37,7 +41,9 @@ def execute(path: Path, out: Path, timeout: int) -> float:
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     started = time.perf_counter()
     try:
         client.execute()
@@ -49,8 +55,12 @@ def execute(path: Path, out: Path, timeout: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="file-name prefixes, e.g. 01 03 (default: all)")
-    parser.add_argument("--out", type=Path, default=HERE / "out", help="where the executed copies go (default notebooks/out)")
-    parser.add_argument("--figures", type=Path, help="also copy the quickstart loss plot, the eval plot and the DPO reward plot here")
+    parser.add_argument(
+        "--out", type=Path, default=HERE / "out", help="where the executed copies go (default notebooks/out)"
+    )
+    parser.add_argument(
+        "--figures", type=Path, help="also copy the quickstart loss plot, the eval plot and the DPO reward plot here"
+    )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""`finetune run` as a subprocess on the tiny Llama: a recipe with varied row lengths, the command, the logged losses."""
+"""`finetune run` as a subprocess on the tiny Llama: a recipe with varied row lengths, the command, logged losses."""
 
 from __future__ import annotations
 
@@ -10,22 +10,36 @@ from pathlib import Path
 
 import yaml
 
-ROWS = [[{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w.upper())}]
-        for w in ("cat", "dog", "sun", "map", "pen", "cup", "box", "hat")]
-ROWS += [[{"role": "user", "content": f"Write {w} backwards, then say done."}, {"role": "assistant", "content": f"{w[::-1]}, done."}]
-         for w in ("stone", "river", "garden", "window", "bridge", "orange", "silver", "planet")]
+ROWS = [
+    [{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w.upper())}]
+    for w in ("cat", "dog", "sun", "map", "pen", "cup", "box", "hat")
+]
+ROWS += [
+    [
+        {"role": "user", "content": f"Write {w} backwards, then say done."},
+        {"role": "assistant", "content": f"{w[::-1]}, done."},
+    ]
+    for w in ("stone", "river", "garden", "window", "bridge", "orange", "silver", "planet")
+]
 
 
 def write_recipe(folder: Path, base, out: Path, rows: int = 8, **train) -> str:
-    """A recipe over the first `rows` rows; `train` overrides the train section (max_steps 10, batch 2, save every 2)."""
+    """A recipe over the first `rows` rows; `train` overrides the train section (max_steps 10, batch 2, save each 2)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "rows.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS[:rows]))
     recipe = {
         "model": {"base": str(base)},
         "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"sources": [{"path": str(folder / "rows.jsonl")}], "max_length": 64},
-        "train": {"max_steps": 10, "learning_rate": 0.005, "batch_size": 2, "save_steps": 2, "warmup_ratio": 0.0,
-                  "output_dir": str(out), **train},
+        "train": {
+            "max_steps": 10,
+            "learning_rate": 0.005,
+            "batch_size": 2,
+            "save_steps": 2,
+            "warmup_ratio": 0.0,
+            "output_dir": str(out),
+            **train,
+        },
         "eval": {"suite": None},
     }
     path = folder / "tiny.yaml"
@@ -38,9 +52,15 @@ def env() -> dict:
 
 
 def finetune_run(recipe: str, *args: str, launcher: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:
-    command = [*launcher, "-m", "finetune.cli", "run", recipe, *args] if launcher else [sys.executable, "-m", "finetune.cli", "run", recipe, *args]
+    command = (
+        [*launcher, "-m", "finetune.cli", "run", recipe, *args]
+        if launcher
+        else [sys.executable, "-m", "finetune.cli", "run", recipe, *args]
+    )
     return subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def logged_losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        (r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]

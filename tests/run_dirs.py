@@ -1,4 +1,4 @@
-"""Build finished training-run folders (recipe.yaml, adapter/, run.json) on the tiny Llama, the way training writes them."""
+"""Finished training-run folders (recipe.yaml, adapter/, run.json) on the tiny Llama, as training writes them."""
 
 from __future__ import annotations
 
@@ -25,8 +25,16 @@ def recipe_dict(base: str, adapter: str = "lora", quantization: str = "none", na
     return data
 
 
-def make_run(run_dir: Path, base: Path | str, adapter: str = "lora", quantization: str = "none", seed: int = 0, eval_json: dict | None = None, **sections) -> Path:
-    """A complete run: adapter with B != 0 (as after training) on the recipe's base, its tokenizer and training template."""
+def make_run(
+    run_dir: Path,
+    base: Path | str,
+    adapter: str = "lora",
+    quantization: str = "none",
+    seed: int = 0,
+    eval_json: dict | None = None,
+    **sections,
+) -> Path:
+    """A complete run: adapter with B != 0 (as after training) on the recipe's base, tokenizer and training template."""
     from peft import LoraConfig, get_peft_model
 
     from finetune import model as model_lib
@@ -35,7 +43,14 @@ def make_run(run_dir: Path, base: Path | str, adapter: str = "lora", quantizatio
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
     model, tokenizer = model_lib.load(recipe.model, for_training=True)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM", **ADAPTER_TYPES[adapter])
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        **ADAPTER_TYPES[adapter],
+    )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -51,7 +66,15 @@ def make_run(run_dir: Path, base: Path | str, adapter: str = "lora", quantizatio
                 param.data = param.data.to(torch.bfloat16)
     peft_model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
-    (run_dir / "run.json").write_text(json.dumps({"recipe": recipe.name, "steps": 1, "versions": {"torch": torch.__version__, "transformers": "5.23.0", "peft": "0.21.2", "trl": "1.16.0"}}))
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe.name,
+                "steps": 1,
+                "versions": {"torch": torch.__version__, "transformers": "5.23.0", "peft": "0.21.2", "trl": "1.16.0"},
+            }
+        )
+    )
     if eval_json is not None:
         (run_dir / "eval.json").write_text(json.dumps(eval_json))
     return run_dir
@@ -59,7 +82,8 @@ def make_run(run_dir: Path, base: Path | str, adapter: str = "lora", quantizatio
 
 def llama3_style_base(path: Path, source: Path) -> Path:
     """A tiny Llama with a Llama-3-style tokenizer: Llama 3 split regex, header/eot special tokens appended
-    after the base vocabulary, BOS added by the post-processor, embeddings padded beyond the tokenizer, untied lm_head."""
+    after the base vocabulary, BOS added by the post-processor, embeddings padded beyond the tokenizer, untied
+    lm_head."""
     from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -67,16 +91,34 @@ def llama3_style_base(path: Path, source: Path) -> Path:
 
     backend = Tokenizer.from_file(str(source / "tokenizer.json"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")])
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+        ]
+    )
     bos = backend.token_to_id("<|begin_of_text|>")
-    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer) + 4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -27,7 +27,7 @@ def tree(folder: Path) -> set[str]:
 
 @pytest.fixture
 def in_catalog(monkeypatch, tmp_path):
-    """cwd = tests/bad_inputs, a private model/token cache, and no progress bars (terminal UI, not part of the error contract)."""
+    """cwd = tests/bad_inputs, a private model/token cache, no progress bars (terminal UI, not the error contract)."""
     import transformers
 
     monkeypatch.chdir(HERE)

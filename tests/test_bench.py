@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_runs import env
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -16,8 +15,13 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_path):
-    done = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "sft_speed.py"), "--smoke", "--out", str(tmp_path)],
-                          env=env(), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "sft_speed.py"), "--smoke", "--out", str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (report_file,) = tmp_path.glob("sft-*.json")
     report = json.loads(report_file.read_text())

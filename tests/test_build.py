@@ -13,8 +13,10 @@ from finetune.recipe import Recipe
 
 
 def rows_file(path, n, start=0, extra=()):
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
-             for i in range(start, start + n)]
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        for i in range(start, start + n)
+    ]
     path.write_text("\n".join([*lines, *extra]) + "\n")
     return path
 
@@ -47,7 +49,9 @@ def test_sources_mix_with_limits_dedup_and_a_disjoint_seeded_split(tmp_path, tok
 
 
 def test_rows_longer_than_max_length_are_dropped_and_counted(tmp_path, tokenizer):
-    long_row = json.dumps({"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "short"}]})
+    long_row = json.dumps(
+        {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "short"}]}
+    )
     path = rows_file(tmp_path / "rows.jsonl", 4, extra=[long_row])
     built = build.build(recipe_for({"path": str(path)}, max_length=64), tokenizer)
     assert built.stats["dropped_too_long"] == 1
@@ -61,7 +65,10 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, tokenizer):
     path = rows_file(tmp_path / "rows.jsonl", 3, extra=[bad])
     with pytest.raises(FinetuneError) as error:
         build.build(recipe_for({"path": str(path)}), tokenizer)
-    assert str(error.value) == f"{path}:4: field 'messages[1].role': expected one of system, user, assistant, found 'robot'"
+    assert (
+        str(error.value)
+        == f"{path}:4: field 'messages[1].role': expected one of system, user, assistant, found 'robot'"
+    )
     built = build.build(recipe_for({"path": str(path)}, on_bad_row="skip"), tokenizer)
     assert built.stats["sources"][0]["skipped"] == 1 and built.stats["train_rows"] == 3
 
@@ -80,7 +87,9 @@ def test_token_cache_is_keyed_by_everything_that_changes_tokens(tmp_path, tokeni
 
     assert build.build(recipe_for({"path": str(path)}, max_length=512), tokenizer).stats["cache_hit"] is False
 
-    changed_template = tokenizer.chat_template.replace("<|im_start|>' + message['role']", "<|im_start|>' + message['role'] + ' '")
+    changed_template = tokenizer.chat_template.replace(
+        "<|im_start|>' + message['role']", "<|im_start|>' + message['role'] + ' '"
+    )
     original = tokenizer.chat_template
     try:
         tokenizer.chat_template = changed_template
@@ -104,14 +113,31 @@ def test_token_cache_is_keyed_by_everything_that_changes_tokens(tmp_path, tokeni
 
 def test_explanations_false_trains_the_answer_label_alone(tmp_path, tokenizer):
     rows = tmp_path / "mcq.jsonl"
-    rows.write_text(json.dumps({"question": "Which is a fruit?", "options": {"A": "apple", "B": "brick"},
-                                "answer": "A", "explanation": "An apple grows on a tree."}) + "\n")
+    rows.write_text(
+        json.dumps(
+            {
+                "question": "Which is a fruit?",
+                "options": {"A": "apple", "B": "brick"},
+                "answer": "A",
+                "explanation": "An apple grows on a tree.",
+            }
+        )
+        + "\n"
+    )
     source = {"path": str(rows), "reader": "mcq_jsonl"}
     with_reason = build.build(recipe_for(source), tokenizer).train[0]
     label_only = build.build(recipe_for(source, explanations=False), tokenizer).train[0]
     trained = [t for t in label_only["labels"] if t != build.IGNORE]
     assert tokenizer.decode(trained) == "A<|im_end|>"
-    assert tokenizer.decode([t for t in with_reason["labels"] if t != build.IGNORE]) == "A\n\nAn apple grows on a tree.<|im_end|>"
+    assert (
+        tokenizer.decode([t for t in with_reason["labels"] if t != build.IGNORE])
+        == "A\n\nAn apple grows on a tree.<|im_end|>"
+    )
     # The prompt is the same either way: only the answer turn changes.
     prompt = [t for t, label in zip(label_only["input_ids"], label_only["labels"]) if label == build.IGNORE]
-    assert prompt == [t for t, label in zip(with_reason["input_ids"], with_reason["labels"]) if label == build.IGNORE][: len(prompt)]
+    assert (
+        prompt
+        == [t for t, label in zip(with_reason["input_ids"], with_reason["labels"]) if label == build.IGNORE][
+            : len(prompt)
+        ]
+    )

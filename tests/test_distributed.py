@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from cli_runs import finetune_run, logged_losses, write_recipe
 from safetensors.torch import load_file
 
-from cli_runs import finetune_run, logged_losses, write_recipe
 from finetune import distributed
 from finetune.errors import FinetuneError
 
@@ -56,13 +56,17 @@ def assert_one_output(out, stdout):
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_llama_dir, single_process):
     out = tmp_path / "out"
-    stdout = finished(finetune_run(write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS), launcher=TORCHRUN))
+    stdout = finished(
+        finetune_run(write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS), launcher=TORCHRUN)
+    )
     assert_same_training(out, single_process)
     assert_one_output(out, stdout)
 
 
 @pytest.mark.slow
-def test_finetune_run_distributed_ddp_launches_accelerate_with_the_shipped_config(tmp_path, tiny_llama_dir, single_process):
+def test_finetune_run_distributed_ddp_launches_accelerate_with_the_shipped_config(
+    tmp_path, tiny_llama_dir, single_process
+):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS)
     stdout = finished(finetune_run(recipe, "--distributed", "ddp", "--processes", "2"))
@@ -82,12 +86,18 @@ def test_finetune_run_distributed_ddp_launches_accelerate_with_the_shipped_confi
 
 def test_deepspeed_without_the_extra_is_one_line_naming_it(monkeypatch):
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FinetuneError, match=r"^--distributed deepspeed-zero2: DeepSpeed is not installed; pip install -e '\.\[deepspeed\]'"):
+    with pytest.raises(
+        FinetuneError,
+        match=r"^--distributed deepspeed-zero2: DeepSpeed is not installed; pip install -e '\.\[deepspeed\]'",
+    ):
         distributed.launch_command("deepspeed-zero2", 2, ["run", "medical"])
 
 
 def test_an_unknown_config_names_the_shipped_ones():
-    with pytest.raises(FinetuneError, match=r"^--distributed: unknown config 'fsdp2'; choose one of ddp, deepspeed-zero2, deepspeed-zero3, fsdp$"):
+    with pytest.raises(
+        FinetuneError,
+        match=r"^--distributed: unknown config 'fsdp2'; choose one of ddp, deepspeed-zero2, deepspeed-zero3, fsdp$",
+    ):
         distributed.launch_command("fsdp2", 2, ["run", "medical"])
 
 

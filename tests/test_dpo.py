@@ -23,15 +23,26 @@ def dpo_recipe(tmp_path, base, **train_overrides) -> Recipe:
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    return Recipe.model_validate({
-        "name": "tiny-dpo",
-        "model": {"base": str(base)},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"sources": [{"path": str(data), "reader": "preference"}], "max_length": 64},
-        "train": {"method": "dpo", "max_steps": 12, "learning_rate": 5e-3, "batch_size": 4, "warmup_ratio": 0.0,
-                  "lr_scheduler": "constant", "save_steps": 100, "output_dir": str(tmp_path / "run"), **train_overrides},
-        "dpo": {"beta": 0.1},
-    })
+    return Recipe.model_validate(
+        {
+            "name": "tiny-dpo",
+            "model": {"base": str(base)},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"sources": [{"path": str(data), "reader": "preference"}], "max_length": 64},
+            "train": {
+                "method": "dpo",
+                "max_steps": 12,
+                "learning_rate": 5e-3,
+                "batch_size": 4,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "constant",
+                "save_steps": 100,
+                "output_dir": str(tmp_path / "run"),
+                **train_overrides,
+            },
+            "dpo": {"beta": 0.1},
+        }
+    )
 
 
 def logged(run_dir, key) -> list[float]:
@@ -59,19 +70,30 @@ def test_qlora_dpo_runs(tmp_path, tiny_llama_dir):
     recipe.model.quantization = "nf4"
     out = train.run(recipe)
     assert len(logged(out, "rewards/accuracies")) == 3
-    assert {str(w.dtype) for w in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {"torch.float32"}
+    assert {str(w.dtype) for w in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {
+        "torch.float32"
+    }
 
 
 def test_dpo_continues_an_sft_adapter(tmp_path, tiny_llama_dir):
-    sft = Recipe.model_validate({
-        "name": "tiny-sft",
-        "model": {"base": str(tiny_llama_dir)},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"sources": [{"path": str(tmp_path / "sft.jsonl")}], "max_length": 64},
-        "train": {"max_steps": 3, "learning_rate": 5e-3, "batch_size": 4, "output_dir": str(tmp_path / "sft-run")},
-    })
-    (tmp_path / "sft.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}) + "\n" for p in PAIRS))
+    sft = Recipe.model_validate(
+        {
+            "name": "tiny-sft",
+            "model": {"base": str(tiny_llama_dir)},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"sources": [{"path": str(tmp_path / "sft.jsonl")}], "max_length": 64},
+            "train": {"max_steps": 3, "learning_rate": 5e-3, "batch_size": 4, "output_dir": str(tmp_path / "sft-run")},
+        }
+    )
+    (tmp_path / "sft.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}
+            )
+            + "\n"
+            for p in PAIRS
+        )
+    )
     sft_out = train.run(sft)
     before = load_file(sft_out / "adapter" / "adapter_model.safetensors")
     dpo = dpo_recipe(tmp_path / "dpo", tiny_llama_dir, max_steps=3, init_from=str(sft_out))
@@ -84,10 +106,24 @@ def test_dpo_continues_an_sft_adapter(tmp_path, tiny_llama_dir):
 
 def test_multiple_choice_rows_become_pairs_against_each_distractor(tmp_path, tokenizer):
     rows = tmp_path / "mcq.jsonl"
-    rows.write_text(json.dumps({"question": "Which is a fruit?", "options": {"A": "apple", "B": "brick", "C": "bolt"},
-                                "answer": "A", "explanation": "An apple grows on a tree."}) + "\n")
-    recipe = Recipe.model_validate({"name": "m", "data": {"sources": [{"path": str(rows), "reader": "mcq_jsonl"}], "system_prompt": "Be brief."},
-                                    "train": {"method": "dpo"}})
+    rows.write_text(
+        json.dumps(
+            {
+                "question": "Which is a fruit?",
+                "options": {"A": "apple", "B": "brick", "C": "bolt"},
+                "answer": "A",
+                "explanation": "An apple grows on a tree.",
+            }
+        )
+        + "\n"
+    )
+    recipe = Recipe.model_validate(
+        {
+            "name": "m",
+            "data": {"sources": [{"path": str(rows), "reader": "mcq_jsonl"}], "system_prompt": "Be brief."},
+            "train": {"method": "dpo"},
+        }
+    )
     pairs = list(build_preferences(recipe, tokenizer).train)
     assert sorted(p["rejected"][0]["content"] for p in pairs) == ["B", "C"]
     assert {p["chosen"][0]["content"] for p in pairs} == {"A\n\nAn apple grows on a tree."}
@@ -99,7 +135,9 @@ def test_multiple_choice_rows_become_pairs_against_each_distractor(tmp_path, tok
 def test_a_malformed_preference_row_is_one_clear_line(tmp_path, tokenizer):
     rows = tmp_path / "pairs.jsonl"
     rows.write_text(json.dumps({"prompt": "Q?", "chosen": "same", "rejected": "same"}) + "\n")
-    recipe = Recipe.model_validate({"name": "m", "data": {"sources": [{"path": str(rows), "reader": "preference"}]}, "train": {"method": "dpo"}})
+    recipe = Recipe.model_validate(
+        {"name": "m", "data": {"sources": [{"path": str(rows), "reader": "preference"}]}, "train": {"method": "dpo"}}
+    )
     with pytest.raises(FinetuneError) as error:
         build_preferences(recipe, tokenizer)
     assert str(error.value) == f"{rows}:1: field 'rejected': expected a response different from 'chosen', found 'same'"

@@ -15,15 +15,26 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200
+    )
 
 
 @pytest.mark.slow
 def test_medical_recipe_trains_and_answers(tmp_path):
     out = tmp_path / "medical"
-    done = finetune("run", str(PROJECT / "recipes" / "medical.yaml"), "train.max_steps=4", f"train.output_dir={out}", cwd=tmp_path)
+    done = finetune(
+        "run", str(PROJECT / "recipes" / "medical.yaml"), "train.max_steps=4", f"train.output_dir={out}", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "run.json", "adapter/adapter_model.safetensors", "adapter/chat_template.jinja"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/chat_template.jinja",
+    ):
         assert (out / name).is_file(), name
     meta = json.loads((out / "run.json").read_text())
     assert meta["steps"] == 4 and meta["data"]["train_rows"] == 30
@@ -41,13 +52,22 @@ def test_medical_recipe_trains_and_answers(tmp_path):
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
 
-    prompt = "Context:\nAspirin irreversibly inhibits cyclooxygenase.\n\nQuestion: Does aspirin inhibit cyclooxygenase?\n\nAnswer with one of: yes, no, maybe."
+    prompt = (
+        "Context:\nAspirin irreversibly inhibits cyclooxygenase.\n\nQuestion: Does aspirin inhibit "
+        "cyclooxygenase?\n\nAnswer with one of: yes, no, maybe."
+    )
     answered = finetune("generate", str(out), prompt, "--max-new-tokens", "20", cwd=tmp_path)
     assert answered.returncode == 0, answered.stderr[-2000:]
     assert answered.stdout.strip(), "the trained model gave an empty answer"
 
-    chatted = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(out), "--max-new-tokens", "10"],
-                             input="Is water wet?\n\n", capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    chatted = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "chat", str(out), "--max-new-tokens", "10"],
+        input="Is water wet?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert chatted.returncode == 0 and "model> " in chatted.stdout
 
 
@@ -55,10 +75,25 @@ def test_medical_recipe_trains_and_answers(tmp_path):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["run", "medical", "train.lerning_rate=1"], "error: recipes/medical.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)\n"),
-        (["run", "medical", "data.sources=[{path: nowhere.jsonl}]"], "error: nowhere.jsonl: file not found; check data.sources[].path (relative paths start at the project folder)\n"),
-        (["run", "medical", "train.output_dir=/proc/forbidden"], "error: train.output_dir: /proc/forbidden: cannot write there (No such file or directory); choose a writable folder\n"),
-        (["run", "medical", "model.base=/no/such/model"], "error: model.base: /no/such/model: no such file or folder; give a local model folder, a .gguf file, a Hub id like org/name, or 'embedded'\n"),
+        (
+            ["run", "medical", "train.lerning_rate=1"],
+            "error: recipes/medical.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)\n",
+        ),
+        (
+            ["run", "medical", "data.sources=[{path: nowhere.jsonl}]"],
+            "error: nowhere.jsonl: file not found; check data.sources[].path (relative paths start at the project "
+            "folder)\n",
+        ),
+        (
+            ["run", "medical", "train.output_dir=/proc/forbidden"],
+            "error: train.output_dir: /proc/forbidden: cannot write there (No such file or directory); choose a "
+            "writable folder\n",
+        ),
+        (
+            ["run", "medical", "model.base=/no/such/model"],
+            "error: model.base: /no/such/model: no such file or folder; give a local model folder, a .gguf file, a "
+            "Hub id like org/name, or 'embedded'\n",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_2(args, line):

@@ -14,21 +14,32 @@ import torch
 import yaml
 
 from finetune import eval as evaluation
-from finetune.eval import cache, metrics, prompts, report, scoring, suite as suites
+from finetune.config import PROJECT_ROOT, resolve_path
 from finetune.data import formats
 from finetune.data.build import chat_rows, read_source
 from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
-from finetune.config import PROJECT_ROOT, resolve_path
-from finetune.recipe import SourceSection, load as load_recipe
+from finetune.eval import cache, metrics, prompts, report, scoring
+from finetune.eval import suite as suites
+from finetune.recipe import SourceSection
+from finetune.recipe import load as load_recipe
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other jobs
 
 
 def classification_rows(labels: list[str], options=("yes", "no", "maybe")) -> list[dict]:
     return [
-        {"id": f"row-{i}", "messages": [{"role": "user", "content": f"Question {i}: is claim {i} supported? Answer with one of: yes, no, maybe."}],
-        "options": list(options), "answer": label}
+        {
+            "id": f"row-{i}",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": f"Question {i}: is claim {i} supported? Answer with one of: yes, no, maybe.",
+                }
+            ],
+            "options": list(options),
+            "answer": label,
+        }
         for i, label in enumerate(labels)
     ]
 
@@ -86,8 +97,12 @@ def tiny_model(tiny_llama_dir):
 
 
 def test_batched_right_padded_scores_equal_unpadded_forward_passes(tiny_model, tokenizer):
-    rows = classification_rows(["Entailment", "Contradiction", "NotMentioned"], options=("Entailment", "Contradiction", "NotMentioned"))
-    rows[1]["messages"][0]["content"] += " A much longer question that makes this prompt the longest in the batch by far."
+    rows = classification_rows(
+        ["Entailment", "Contradiction", "NotMentioned"], options=("Entailment", "Contradiction", "NotMentioned")
+    )
+    rows[1]["messages"][0]["content"] += (
+        " A much longer question that makes this prompt the longest in the batch by far."
+    )
     prompts = [scoring.encode_prompt(tokenizer, r["messages"]) for r in rows]
     scores = scoring.option_logprobs(tiny_model, tokenizer, prompts, [r["options"] for r in rows], batch_size=4)
     with torch.inference_mode():
@@ -102,7 +117,9 @@ def test_batched_greedy_answers_come_back_in_order_and_equal_one_at_a_time(tiny_
     lengths = [3, 40, 1, 25, 8]  # batches are formed longest first, so the order is mixed on purpose
     conversations = [[{"role": "user", "content": f"Row {i}: " + "more words " * n}] for i, n in enumerate(lengths)]
     batched = scoring.generate_batch(tiny_model, tokenizer, conversations, max_new_tokens=6, batch_size=2)
-    alone = [scoring.generate_batch(tiny_model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in conversations]
+    alone = [
+        scoring.generate_batch(tiny_model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in conversations
+    ]
     assert batched == alone
     assert len(set(alone)) > 1  # the prompts really get different answers, so an order mix-up would show
 
@@ -171,7 +188,9 @@ def test_numeric_match_falls_back_to_exact_match_for_spans():
 
 def test_exact_match_and_token_f1():
     assert metrics.exact_match("The company held fewer trade shows.", "the company held fewer trade shows") == 1.0
-    assert metrics.token_f1("fewer trade shows", "the company held fewer trade shows") == pytest.approx(2 * 1 * 0.6 / 1.6)
+    assert metrics.token_f1("fewer trade shows", "the company held fewer trade shows") == pytest.approx(
+        2 * 1 * 0.6 / 1.6
+    )
     assert metrics.token_f1("nothing alike", "fewer trade shows") == 0.0
 
 
@@ -213,8 +232,15 @@ def test_every_shipped_suite_loads_and_reads_its_examples_offline():
 
 
 def test_suite_defaults_score_the_held_out_samples():
-    sizes = {name: {t: len(prompts.examples(task, None)) for t, task in suites.load_suite(name).tasks.items()} for name in ("medical", "legal", "finance")}
-    assert sizes == {"medical": {"pubmedqa": 10, "medmcqa": 20}, "legal": {"contractnli": 16}, "finance": {"tatqa": 9, "phrasebank": 27}}
+    sizes = {
+        name: {t: len(prompts.examples(task, None)) for t, task in suites.load_suite(name).tasks.items()}
+        for name in ("medical", "legal", "finance")
+    }
+    assert sizes == {
+        "medical": {"pubmedqa": 10, "medmcqa": 20},
+        "legal": {"contractnli": 16},
+        "finance": {"tatqa": 9, "phrasebank": 27},
+    }
 
 
 @pytest.mark.parametrize("recipe_name", [p.stem for p in sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))])
@@ -256,8 +282,18 @@ def _legalbench_task(folder: Path, name: str, rows: list[tuple[str, str]]) -> No
 def test_a_glob_task_scores_every_file_and_same_file_shots_leave_the_example_out(tmp_path):
     """LegalBench's tasks hold 5-9 rows each: one task scores several files, and each example's demonstrations
     are other rows of its own file (never itself, never another task's rows)."""
-    _legalbench_task(tmp_path, "nda_a", [("Yes", f"Clause A{i} keeps the agreement secret.") for i in range(3)] + [("No", f"Clause A{i} is about fees.") for i in range(3, 5)])
-    _legalbench_task(tmp_path, "nda_b", [("Yes", f"Clause B{i} allows copies.") for i in range(2)] + [("No", f"Clause B{i} forbids copies.") for i in range(2, 4)])
+    _legalbench_task(
+        tmp_path,
+        "nda_a",
+        [("Yes", f"Clause A{i} keeps the agreement secret.") for i in range(3)]
+        + [("No", f"Clause A{i} is about fees.") for i in range(3, 5)],
+    )
+    _legalbench_task(
+        tmp_path,
+        "nda_b",
+        [("Yes", f"Clause B{i} allows copies.") for i in range(2)]
+        + [("No", f"Clause B{i} forbids copies.") for i in range(2, 4)],
+    )
     _legalbench_task(tmp_path, "other", [("Yes", "not matched by the pattern"), ("No", "nor this")])
     task = {"reader": "legalbench", "path": str(tmp_path / "nda_*" / "train.tsv"), "shots": 2, "shots_from": "same"}
     suite = suites.load_suite(str(write_suite(tmp_path, {"t": task})))
@@ -270,23 +306,31 @@ def test_a_glob_task_scores_every_file_and_same_file_shots_leave_the_example_out
         letter = "A" if "Clause A" in own else "B"
         assert all(f"Clause {letter}" in d for d in demos)
     # The draw is seeded per example: the same suite gives the same prompts.
-    assert [it["messages"] for it in prompts.examples(suite.tasks["t"], "sys", suite.seed)] == [it["messages"] for it in items]
-    with pytest.raises(FinetuneError, match=r"shots: 5 but legalbench-nda_\w-\d's file has only [34] other rows; lower shots"):
+    assert [it["messages"] for it in prompts.examples(suite.tasks["t"], "sys", suite.seed)] == [
+        it["messages"] for it in items
+    ]
+    with pytest.raises(
+        FinetuneError, match=r"shots: 5 but legalbench-nda_\w-\d's file has only [34] other rows; lower shots"
+    ):
         prompts.examples(suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 5}}))).tasks["t"], None)
     missing = {**task, "path": str(tmp_path / "nosuch_*" / "train.tsv")}
-    with pytest.raises(FinetuneError, match=r"nosuch_\*/train.tsv\): the pattern matches no file; check the path in the suite"):
+    with pytest.raises(
+        FinetuneError, match=r"nosuch_\*/train.tsv\): the pattern matches no file; check the path in the suite"
+    ):
         prompts.examples(suites.load_suite(str(write_suite(tmp_path, {"t": missing}))).tasks["t"], None)
 
 
 @pytest.mark.skipif(not (PROJECT_ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
 @pytest.mark.parametrize("name", ["medical", "legal", "finance"])
 def test_the_real_data_suites_read_their_sets_and_never_score_a_training_row(name):
-    """evals/real/*.yaml score the README's results; benchmarks/real_data.sh trains on the other split, with these readers."""
+    """evals/real/*.yaml score the README's results; benchmarks/real_data.sh trains on another split (same readers)."""
     suite = suites.load_suite(str(PROJECT_ROOT / "evals" / "real" / f"{name}.yaml"))
     # The medical runs train on the abstracts, their conclusions, or both: check every reader of the file.
-    training = {"medical": (("pubmedqa", "pubmedqa_reasoning_free"), "medical/pubmedqa/ori_pqal.json", "train"),
-                "legal": (("contractnli",), "legal/contract-nli/dev.json", "train"),
-                "finance": (("tatqa_conversation",), "finance/tat-qa/tatqa_dataset_dev.json", "train")}[name]
+    training = {
+        "medical": (("pubmedqa", "pubmedqa_reasoning_free"), "medical/pubmedqa/ori_pqal.json", "train"),
+        "legal": (("contractnli",), "legal/contract-nli/dev.json", "train"),
+        "finance": (("tatqa_conversation",), "finance/tat-qa/tatqa_dataset_dev.json", "train"),
+    }[name]
     readers, path, split = training
     # Every user turn of the training conversations, as one text: a scored question, or the document
     # (abstract or conclusion, contract excerpt, report) it is asked about, must appear in none of them.
@@ -317,9 +361,13 @@ def test_suite_errors_name_the_file_the_key_and_the_fix(tmp_path):
     task = {"reader": "pubmedqa", "path": "datasets/medical/pubmedqa/ori_pqal.json", "split": "test"}
     with pytest.raises(FinetuneError, match=r"mine.yaml: tasks.t.shot: unknown key \(did you mean 'shots'\?\)"):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shot": 2}})))
-    with pytest.raises(FinetuneError, match=r"mine.yaml: tasks.t.reader: unknown reader 'pubmedq' \(did you mean 'pubmedqa'\?\)"):
+    with pytest.raises(
+        FinetuneError, match=r"mine.yaml: tasks.t.reader: unknown reader 'pubmedq' \(did you mean 'pubmedqa'\?\)"
+    ):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "pubmedq"}})))
-    with pytest.raises(FinetuneError, match=r"metric 'f1' does not apply to mcq rows; use one of accuracy, accuracy_sum"):
+    with pytest.raises(
+        FinetuneError, match=r"metric 'f1' does not apply to mcq rows; use one of accuracy, accuracy_sum"
+    ):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "metric": "f1"}})))
     with pytest.raises(FinetuneError, match=r"shots > 0 needs shots_from"):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 2}})))
@@ -343,7 +391,21 @@ def test_a_recipe_finds_the_suite_of_its_domain():
 # ---------------------------------------------------------------- a whole run
 
 
-TASK_KEYS = {"n", "metric", "kind", "shots", "base", "adapter", "delta", "ci95", "regression", "metrics", "seconds", "seconds_per_example", "cached"}
+TASK_KEYS = {
+    "n",
+    "metric",
+    "kind",
+    "shots",
+    "base",
+    "adapter",
+    "delta",
+    "ci95",
+    "regression",
+    "metrics",
+    "seconds",
+    "seconds_per_example",
+    "cached",
+}
 
 
 @pytest.fixture(scope="module")
@@ -354,10 +416,19 @@ def tiny_run(tmp_path_factory, tiny_llama_dir):
 
     folder = tmp_path_factory.mktemp("eval-run")
     out = train.run(tiny_recipe(folder, tiny_llama_dir, max_steps=2, save_steps=50))
-    suite = write_suite(folder, {
-        "sentiment": {"reader": "phrasebank", "path": "datasets/finance/phrasebank_sample.txt", "n": 6},
-        "tables": {"reader": "tatqa", "path": "datasets/finance/tat-qa/tatqa_sample_test.json", "n": 3, "max_new_tokens": 4},
-    }, bootstrap=200)
+    suite = write_suite(
+        folder,
+        {
+            "sentiment": {"reader": "phrasebank", "path": "datasets/finance/phrasebank_sample.txt", "n": 6},
+            "tables": {
+                "reader": "tatqa",
+                "path": "datasets/finance/tat-qa/tatqa_sample_test.json",
+                "n": 3,
+                "max_new_tokens": 4,
+            },
+        },
+        bootstrap=200,
+    )
     return out, suite
 
 
@@ -440,12 +511,14 @@ def test_base_scores_are_reused_from_the_cache_on_the_same_prompts(tiny_run, tmp
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "a-file" / "cache"))
     unwritable = evaluation.run(out, suite=str(suite))
-    assert {name: t["metrics"] for name, t in unwritable["tasks"].items()} == {name: t["metrics"] for name, t in first["tasks"].items()}
+    assert {name: t["metrics"] for name, t in unwritable["tasks"].items()} == {
+        name: t["metrics"] for name, t in first["tasks"].items()
+    }
 
 
 def test_the_base_score_cache_key_changes_with_everything_that_changes_the_scores(tiny_run, tmp_path):
-    from finetune.runs import finished_recipe
     from finetune.model import load_tokenizer
+    from finetune.runs import finished_recipe
 
     out, suite_path = tiny_run
     recipe = finished_recipe(out)
@@ -465,7 +538,9 @@ def test_the_base_score_cache_key_changes_with_everything_that_changes_the_score
         "prompts": key(items=prompts.examples(task, "system B")),
         "task": key(task=task.model_copy(update={"max_new_tokens": 5})),
         "batch size": key(batch_size=4),
-        "quantization": key(recipe=recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "nf4"})})),
+        "quantization": key(
+            recipe=recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "nf4"})})
+        ),
         "chat template": key(tokenizer=other_template),
     }
     assert all(path != reference for path in changed.values()), changed
@@ -476,12 +551,22 @@ def test_the_base_score_cache_key_changes_with_everything_that_changes_the_score
     # A Hub id is pinned only by a full commit hash: a branch name can move.
     hub = recipe.model_copy(update={"model": recipe.model.model_copy(update={"base": "org/model", "revision": "main"})})
     assert key(recipe=hub) is None
-    pinned = recipe.model_copy(update={"model": recipe.model.model_copy(update={"base": "org/model", "revision": "a" * 40})})
+    pinned = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"base": "org/model", "revision": "a" * 40})}
+    )
     assert key(recipe=pinned) is not None
 
 
 def test_regressions_are_marked_in_the_table():
-    task = {"n": 10, "metric": "accuracy", "base": 0.8, "adapter": 0.2, "delta": -0.6, "ci95": [-0.9, -0.3], "regression": True}
+    task = {
+        "n": 10,
+        "metric": "accuracy",
+        "base": 0.8,
+        "adapter": 0.2,
+        "delta": -0.6,
+        "ci95": [-0.9, -0.3],
+        "regression": True,
+    }
     result = {"suite": "s", "target": "t", "bootstrap": {"resamples": 1000, "seed": 0}, "tasks": {"pubmedqa": task}}
     assert "**REGRESSION**" in report.table(result)
     assert "Warning: the adapter regresses on pubmedqa" in report.markdown(result)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from run_dirs import make_run
 
-from finetune import gguf as gguf_export, merge, modelfile
+from finetune import gguf as gguf_export
+from finetune import merge, modelfile
 from finetune.errors import FinetuneError
 
 
@@ -23,7 +24,12 @@ def reference_logits(run_dir, merged_dir):
     with_adapter = PeftModel.from_pretrained(base, run_dir / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         return with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
 
@@ -35,7 +41,15 @@ def test_merge_matches_base_plus_adapter(tmp_path, tiny_llama_dir, adapter):
     merged_dir = run / "merged"
     assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0
     assert json.loads((merged_dir / "merge.json").read_text()) == report
-    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "merge.json"}
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "merge.json",
+    }
     assert {p.name for p in merged_dir.iterdir()} == expected
     # The training template, never the base model's.
     assert (merged_dir / "chat_template.jinja").read_text() == (run / "adapter" / "chat_template.jinja").read_text()
@@ -44,7 +58,9 @@ def test_merge_matches_base_plus_adapter(tmp_path, tiny_llama_dir, adapter):
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     assert generation["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert tokenizer.eos_token_id in (generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]])
+    assert tokenizer.eos_token_id in (
+        generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
+    )
     unmerged, merged = reference_logits(run, merged_dir)
     assert (unmerged - merged).abs().max() < 1e-4
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
@@ -120,7 +136,11 @@ def read_gguf(path):
     import gguf
 
     reader = gguf.GGUFReader(path)
-    fields = {name: field.contents() for name, field in reader.fields.items() if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    fields = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+    }
     return reader, fields
 
 
@@ -202,17 +222,24 @@ def test_modelfile_follows_the_training_template_family():
 
 
 def test_gguf_template_renders_like_the_training_template(tokenizer):
-    """The GGUF gets the template without {% generation %} tags (only transformers knows them); output must not change."""
+    """The GGUF gets the template without {% generation %} tags (only transformers knows them); same output."""
     training = tokenizer.chat_template
     plain = gguf_export.gguf_chat_template(training)
     assert not re.search(r"\{%-?\s*(end)?generation", plain)
     conversations = [
         [{"role": "user", "content": "hi"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "bye"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "bye"},
+        ],
     ]
     for messages in conversations:
         for prompt in (True, False):
-            ours = tokenizer.apply_chat_template(messages, chat_template=plain, tokenize=False, add_generation_prompt=prompt)
+            ours = tokenizer.apply_chat_template(
+                messages, chat_template=plain, tokenize=False, add_generation_prompt=prompt
+            )
             assert ours == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
 

@@ -32,8 +32,12 @@ def test_latin1_csv_and_tsv_records(tmp_path):
     csv_path, tsv_path = tmp_path / "d.csv", tmp_path / "d.tsv"
     csv_path.write_bytes('text,label\r\n"Pöyry, the consultancy,\r\nfell",negative\r\n'.encode("latin-1"))
     tsv_path.write_bytes("text\tlabel\nCafé sales rose\tpositive\n".encode("latin-1"))
-    assert list(files.records(csv_path)) == [(f"{csv_path}: record 2", {"text": "Pöyry, the consultancy,\r\nfell", "label": "negative"})]
-    assert list(files.records(tsv_path)) == [(f"{tsv_path}: record 2", {"text": "Café sales rose", "label": "positive"})]
+    assert list(files.records(csv_path)) == [
+        (f"{csv_path}: record 2", {"text": "Pöyry, the consultancy,\r\nfell", "label": "negative"})
+    ]
+    assert list(files.records(tsv_path)) == [
+        (f"{tsv_path}: record 2", {"text": "Café sales rose", "label": "positive"})
+    ]
     assert list(files.records(tsv_path, header=False))[0] == (f"{tsv_path}: record 1", {"0": "text", "1": "label"})
 
 
@@ -62,7 +66,10 @@ def test_column_mapping(tmp_path):
     renamed = RawSource(path=path, columns={"instruction": "instr", "output": "out"})
     assert list(renamed.records()) == [(f"{path}:1", {"instruction": "Do it", "output": "Done"})]
     missing = RawSource(path=path, columns={"input": "context"})
-    assert error_of(lambda: list(missing.records())) == f"{path}:1: column mapping input: context: no field 'context' in the record (fields: instr, out)"
+    assert (
+        error_of(lambda: list(missing.records()))
+        == f"{path}:1: column mapping input: context: no field 'context' in the record (fields: instr, out)"
+    )
 
 
 def test_bad_files(tmp_path):
@@ -70,11 +77,17 @@ def test_bad_files(tmp_path):
     empty.write_bytes(b"")
     gz_empty.write_bytes(gzip.compress(b""))
     for path in (empty, gz_empty):
-        assert error_of(lambda: list(files.records(path))) == f"{path}: the file is empty; check data.sources[].path or re-download the file"
+        assert (
+            error_of(lambda path=path: list(files.records(path)))
+            == f"{path}: the file is empty; check data.sources[].path or re-download the file"
+        )
 
     binary = tmp_path / "b.csv"
     binary.write_bytes(b"a,b\n\x00\x01\x02\xff,1\n")
-    assert error_of(lambda: list(files.records(binary))) == f"{binary}: byte 7 is neither UTF-8 nor Latin-1 text; save the file as UTF-8"
+    assert (
+        error_of(lambda: list(files.records(binary)))
+        == f"{binary}: byte 7 is neither UTF-8 nor Latin-1 text; save the file as UTF-8"
+    )
 
     not_gzip = tmp_path / "n.jsonl.gz"
     not_gzip.write_bytes(b'{"a": 1}\n')
@@ -94,11 +107,17 @@ def test_bad_files(tmp_path):
 
     scalar = tmp_path / "s.json"
     scalar.write_text("42", encoding="utf-8")
-    assert error_of(lambda: list(files.records(scalar))) == f"{scalar}: expected a JSON list of records (or an object of records), found int"
+    assert (
+        error_of(lambda: list(files.records(scalar)))
+        == f"{scalar}: expected a JSON list of records (or an object of records), found int"
+    )
 
     ragged = tmp_path / "r.csv"
     ragged.write_text("a,b\n1,2,3\n", encoding="utf-8")
-    assert error_of(lambda: list(files.records(ragged))) == f"{ragged}: record 2: expected 2 columns, found 3; check quoting and the delimiter"
+    assert (
+        error_of(lambda: list(files.records(ragged)))
+        == f"{ragged}: record 2: expected 2 columns, found 3; check quoting and the delimiter"
+    )
 
     other = tmp_path / "r.xlsx"
     other.write_bytes(b"PK")

@@ -115,7 +115,15 @@ class StandInHub:
                 if repo_id not in hub.repos:
                     return self._reply(404, {"error": "Repository not found"})
                 repo = hub.repos[repo_id]
-                self._reply(200, {"id": repo_id, "sha": repo["sha"], "private": repo["private"], "siblings": [{"rfilename": n} for n in repo["files"]]})
+                self._reply(
+                    200,
+                    {
+                        "id": repo_id,
+                        "sha": repo["sha"],
+                        "private": repo["private"],
+                        "siblings": [{"rfilename": n} for n in repo["files"]],
+                    },
+                )
 
             def do_POST(self):
                 hub.requests.append(("POST", self.path))
@@ -127,8 +135,16 @@ class StandInHub:
                     payload = json.loads(body)
                     repo_id = f"{payload['organization']}/{payload['name']}"
                     if repo_id in hub.repos:
-                        return self._reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
-                    hub.repos[repo_id] = {"visibility": payload.get("visibility"), "private": payload.get("visibility") == "private", "files": {}, "commits": [], "sha": "0" * 40}
+                        return self._reply(
+                            409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                        )
+                    hub.repos[repo_id] = {
+                        "visibility": payload.get("visibility"),
+                        "private": payload.get("visibility") == "private",
+                        "files": {},
+                        "commits": [],
+                        "sha": "0" * 40,
+                    }
                     return self._reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
                 if self.path == "/api/validate-yaml":
                     return self._reply(200, {"errors": [], "warnings": []})
@@ -136,7 +152,20 @@ class StandInHub:
                 repo = hub.repos[repo_id]
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": git_sha1(repo["files"][f["path"]]) if f["path"] in repo["files"] else None} for f in files]})
+                    return self._reply(
+                        200,
+                        {
+                            "files": [
+                                {
+                                    "path": f["path"],
+                                    "uploadMode": "regular",
+                                    "shouldIgnore": False,
+                                    "oid": git_sha1(repo["files"][f["path"]]) if f["path"] in repo["files"] else None,
+                                }
+                                for f in files
+                            ]
+                        },
+                    )
                 if action == "commit":
                     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
                     header = next(line["value"] for line in lines if line["key"] == "header")
@@ -147,7 +176,9 @@ class StandInHub:
                     repo["files"].update(changed)
                     repo["sha"] = hashlib.sha1(repr(sorted(repo["files"].items())).encode()).hexdigest()
                     repo["commits"].append({"message": header["summary"], "files": sorted(changed)})
-                    return self._reply(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{repo['sha']}", "commitOid": repo["sha"]})
+                    return self._reply(
+                        200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{repo['sha']}", "commitOid": repo["sha"]}
+                    )
                 self._reply(404, {"error": "not found"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -173,7 +204,8 @@ def online(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    # huggingface_hub fetches a registry of coding agents from huggingface.co to build its user agent; keep the test hermetic.
+    # huggingface_hub fetches a registry of coding agents from huggingface.co to build its user agent; keep the test
+    # hermetic.
     monkeypatch.setattr("huggingface_hub.utils._detect_agent._fetch_registry", lambda: None, raising=False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
 
@@ -196,11 +228,22 @@ def test_push_merged_then_again_is_a_no_op(run_dir, online, caplog, capsys):
         first = hub.push(run_dir, "me/tiny-merged", what="merged", private=True, api=api)
         second = hub.push(run_dir, "me/tiny-merged", what="merged", private=True, api=api)
     repo = stand_in.repos["me/tiny-merged"]
-    expected = ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "merge.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    expected = [
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "merge.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert first["files"] == expected
     assert sorted(repo["files"]) == expected
     assert repo["visibility"] == "private"
-    assert [c["message"] for c in repo["commits"]] == ["Upload merged model (finetune)"]  # the second push committed nothing
+    assert [c["message"] for c in repo["commits"]] == [
+        "Upload merged model (finetune)"
+    ]  # the second push committed nothing
     assert second["url"] == first["url"]
     assert stand_in.auth == {f"Bearer {TOKEN}"}  # the token from HF_TOKEN reached the Hub, and only in the header
     assert front_matter(repo["files"]["README.md"].decode())["library_name"] == "transformers"

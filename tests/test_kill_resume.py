@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import env, finetune_run, logged_losses, write_recipe
 from safetensors.torch import load_file
 
-from cli_runs import env, finetune_run, logged_losses, write_recipe
 from finetune.runs import last_checkpoint
 
 
@@ -53,7 +53,11 @@ def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_state(tm
     # Kill once a checkpoint exists and training has gone past it, i.e. in the middle of later steps.
     while time.time() < deadline:
         checkpoint = last_checkpoint(out / "checkpoints")
-        if checkpoint and (out / "metrics.jsonl").is_file() and len(logged_losses(out)) > int(checkpoint.name.split("-")[1]) + 1:
+        if (
+            checkpoint
+            and (out / "metrics.jsonl").is_file()
+            and len(logged_losses(out)) > int(checkpoint.name.split("-")[1]) + 1
+        ):
             break
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
@@ -64,11 +68,18 @@ def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_state(tm
 
 
 @pytest.mark.slow
-def test_sigkill_in_the_middle_of_a_checkpoint_save_resumes_from_the_one_before(tmp_path, tiny_llama_dir, reference_out):
+def test_sigkill_in_the_middle_of_a_checkpoint_save_resumes_from_the_one_before(
+    tmp_path, tiny_llama_dir, reference_out
+):
     out = tmp_path / "killed"
     recipe = write_recipe(tmp_path, tiny_llama_dir, out)
-    killed = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_during_save.py"), "run", recipe], env=env(),
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "kill_during_save.py"), "run", recipe],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     half_saved = out / "checkpoints" / "checkpoint-4"
     assert (half_saved / "optimizer.pt").is_file() and not (half_saved / "trainer_state.json").exists()
@@ -86,11 +97,21 @@ def _limit_file_size():
 def test_a_full_disk_is_one_line_and_the_run_resumes_when_there_is_room(tmp_path, tiny_llama_dir, reference_out):
     out = tmp_path / "full"
     recipe = write_recipe(tmp_path, tiny_llama_dir, out)
-    full = subprocess.run([sys.executable, "-m", "finetune.cli", "run", recipe], env=env(), capture_output=True, text=True,
-                          timeout=600, preexec_fn=_limit_file_size)
+    full = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "run", recipe],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_limit_file_size,
+    )
     assert full.returncode == 2, full.stderr[-2000:]
     last = full.stderr.strip().splitlines()[-1]
-    assert last == f"error: {out}: the disk is full (File too large); free space or set train.output_dir on a bigger disk, then run the same command again to resume", last
+    assert (
+        last
+        == f"error: {out}: the disk is full (File too large); free space or set train.output_dir on a bigger disk, "
+        "then run the same command again to resume"
+    ), last
     assert "Traceback" not in full.stderr
     assert not (out / "run.json").exists() and not (out / "adapter").exists()
     assert last_checkpoint(out / "checkpoints") is None

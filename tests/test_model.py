@@ -30,7 +30,9 @@ def test_training_template_renders_like_the_models_own(embedded_dir, tokenizer):
     from transformers import AutoTokenizer
 
     own = AutoTokenizer.from_pretrained(embedded_dir)
-    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == own.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == own.apply_chat_template(
+        CONVERSATION, tokenize=False
+    )
 
 
 def test_labels_mask_exactly_the_non_assistant_tokens(tokenizer):
@@ -73,7 +75,10 @@ def test_quantized_loading_on_cpu(tiny_llama_dir, quantization):
     [
         ("/no/such/folder", "model.base: /no/such/folder: no such file or folder"),
         ("missing.gguf", "model.base: missing.gguf: GGUF file not found"),
-        ("nobody/no-such-model", "model.base: nobody/no-such-model: not in the local Hugging Face cache and the Hub cannot be reached"),
+        (
+            "nobody/no-such-model",
+            "model.base: nobody/no-such-model: not in the local Hugging Face cache and the Hub cannot be reached",
+        ),
     ],
 )
 def test_missing_models_are_one_line_errors(base, message):

@@ -14,7 +14,13 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01-quickstart.ipynb", "02-domain-data.ipynb", "03-qlora-merge-gguf.ipynb", "04-preference-tuning.ipynb", "05-evaluation.ipynb"]
+NAMES = [
+    "01-quickstart.ipynb",
+    "02-domain-data.ipynb",
+    "03-qlora-merge-gguf.ipynb",
+    "04-preference-tuning.ipynb",
+    "05-evaluation.ipynb",
+]
 STEPS, EVAL_N = 2, 4
 
 
@@ -29,13 +35,17 @@ def test_notebook_is_committed_clean(name):
     nbformat.validate(notebook)
     assert notebook.metadata.kernelspec.name == "python3"
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert code and all(not cell.outputs and cell.execution_count is None for cell in code), "clear the outputs before committing"
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code), (
+        "clear the outputs before committing"
+    )
     assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# ")
     for number, code_cell in enumerate(code):
         compile(code_cell.source, f"{name}, code cell {number}", "exec")  # a syntax error fails here, without a kernel
     source = "\n".join(cell.source for cell in code)
     assert 'os.environ.get("FINETUNE_NOTEBOOK_OUT"' in source
-    assert all(target.startswith("{OUT") for target in re.findall(r"train\.output_dir=(\S+)", source))  # every run goes under OUT
+    assert all(
+        target.startswith("{OUT") for target in re.findall(r"train\.output_dir=(\S+)", source)
+    )  # every run goes under OUT
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +72,13 @@ def out(tmp_path_factory):
 
 
 def execute(name: str, out: Path):
-    """Run the notebook in a fresh python3 kernel with notebooks/ as its working folder; a failing cell fails the test."""
+    """Run the notebook in a fresh python3 kernel with notebooks/ as working folder; a failing cell fails the test."""
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(notebook, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        notebook, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     try:
         client.execute()
     finally:
@@ -133,7 +145,9 @@ def test_02_domain_data(out):
 @pytest.mark.slow
 def test_03_qlora_merge_gguf(out):
     notebook = execute("03-qlora-merge-gguf.ipynb", out)
-    fp32, nf4 = map(float, re.search(r"fp32: (\d+) MiB, nf4: (\d+) MiB", text(cell(notebook, "get_memory_footprint"))).groups())
+    fp32, nf4 = map(
+        float, re.search(r"fp32: (\d+) MiB, nf4: (\d+) MiB", text(cell(notebook, "get_memory_footprint"))).groups()
+    )
     assert nf4 < fp32 / 2
     run = out / "runs" / "medical-qlora"
     assert json.loads((run / "run.json").read_text())["steps"] == STEPS
@@ -143,7 +157,9 @@ def test_03_qlora_merge_gguf(out):
     # target reproduces the trained nf4 model.
     shown = text(cell(notebook, "merge.merge(run_dir)"))
     parity = dict(re.findall(r"^\| (base|dequantized) \| (\S+) \|", shown, re.M))
-    assert float(parity["dequantized"]) == pytest.approx(merge["targets"]["dequantized"]["vs_trained"]["max_abs_logit_diff"], rel=1e-2)
+    assert float(parity["dequantized"]) == pytest.approx(
+        merge["targets"]["dequantized"]["vs_trained"]["max_abs_logit_diff"], rel=1e-2
+    )
     assert float(parity["dequantized"]) < merge["threshold"]
     printed = float(re.search(r"merge check: max \|Δlogit\| (\S+) <= threshold", shown).group(1))
     assert printed <= merge["threshold"] and f"<= threshold {merge['threshold']:g}: True" in shown
@@ -178,7 +194,10 @@ def test_05_evaluation(out):
     assert set(result["tasks"]) == {"pubmedqa", "medmcqa"} and all(t["n"] == EVAL_N for t in result["tasks"].values())
     table = text(cell(notebook, "evaluation.run(sft_dir"))
     for name, task in result["tasks"].items():
-        assert f"\n| {name} | accuracy | {EVAL_N} | {task['base']:.3f} | {task['adapter']:.3f} | {task['delta']:+.3f} |" in table
+        assert (
+            f"\n| {name} | accuracy | {EVAL_N} | {task['base']:.3f} | {task['adapter']:.3f} | {task['delta']:+.3f} |"
+            in table
+        )
     assert shows_image(cell(notebook, '"eval.png"')) and (run / "eval.png").stat().st_size > 0
     verdict = text(cell(notebook, "evaluation.regressions(result)"))
     flagged = [name for name, task in result["tasks"].items() if task["regression"]]

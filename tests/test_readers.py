@@ -18,8 +18,10 @@ from finetune.errors import FinetuneError
 SAMPLES = PROJECT / "datasets"
 
 
-def read(reader: str, path: Path | None, split: str = "train", columns: dict | None = None, hub: str | None = None) -> tuple[list[dict], list[str]]:
-    """Validated rows and the error lines of skipped records, exactly as data.build reads a source with on_bad_row=skip."""
+def read(
+    reader: str, path: Path | None, split: str = "train", columns: dict | None = None, hub: str | None = None
+) -> tuple[list[dict], list[str]]:
+    """Validated rows and the error lines of skipped records, as data.build reads a source with on_bad_row=skip."""
     spec = READERS[reader]
     source = RawSource(path=path, hub=hub, split=split, columns=columns or {})
     rows, errors = [], []
@@ -58,8 +60,27 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_every_reader_is_registered_with_a_card_and_license():
-    expected = {"messages", "pubmedqa", "pubmedqa_reasoning_free", "medmcqa", "sharegpt", "alpaca", "prompt_completion", "mmlu_csv", "mcq_jsonl", "preference",
-                "preference_messages", "hh_rlhf", "contractnli", "cuad", "legalbench", "tatqa", "tatqa_conversation", "convfinqa", "phrasebank"}
+    expected = {
+        "messages",
+        "pubmedqa",
+        "pubmedqa_reasoning_free",
+        "medmcqa",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+        "mmlu_csv",
+        "mcq_jsonl",
+        "preference",
+        "preference_messages",
+        "hh_rlhf",
+        "contractnli",
+        "cuad",
+        "legalbench",
+        "tatqa",
+        "tatqa_conversation",
+        "convfinqa",
+        "phrasebank",
+    }
     assert expected <= set(READERS)
     for reader in READERS.values():
         assert reader.kind in formats.KINDS and reader.description
@@ -82,10 +103,14 @@ def test_pubmedqa_splits_on_real_data():
     first = train[0]
     assert first["id"] == "pubmedqa-10808977"
     assert formats.mcq_prompt(first).endswith(
-        "promoting being on schedule with screening during 1996 and 1997 among women who were off-schedule during the previous year."
-        "\n\nQuestion: Can tailored interventions increase mammography use among HMO women?\n\nAnswer with one of: yes, no, maybe."
+        "promoting being on schedule with screening during 1996 and 1997 among women who were off-schedule during the "
+        "previous year."
+        "\n\nQuestion: Can tailored interventions increase mammography use among HMO women?\n\nAnswer with one of: "
+        "yes, no, maybe."
     )
-    assert formats.mcq_answer(first).startswith("yes\n\nThe effects of the intervention were most pronounced after the first intervention.")
+    assert formats.mcq_answer(first).startswith(
+        "yes\n\nThe effects of the intervention were most pronounced after the first intervention."
+    )
 
 
 def test_medmcqa_on_real_data():
@@ -95,11 +120,14 @@ def test_medmcqa_on_real_data():
     assert formats.to_sft(rows[0], "mcq")["messages"] == [
         {
             "role": "user",
-            "content": "Question: A 29 yrs old woman with a pregnancy of 17 week has a 10 years old boy with down syndrome. She does not "
+            "content": "Question: A 29 yrs old woman with a pregnancy of 17 week has a 10 years old boy with down "
+            "syndrome. She does not "
             "want another down syndrome kid; best advice to her is\n\nOptions:\n"
             "A. No test is required now as her age is below 35 years\n"
-            "B. Ultra sound at this point of time will definitely tell her that next baby will be down syndromic or not\n"
-            "C. Amniotic fluid samples plus chromosomal analysis will definitely tell her that next baby will be down syndromic or not\n"
+            "B. Ultra sound at this point of time will definitely tell her that next baby will be down syndromic or "
+            "not\n"
+            "C. Amniotic fluid samples plus chromosomal analysis will definitely tell her that next baby will be down "
+            "syndromic or not\n"
             "D. blood screening at this point of time will clear the exact picture\n"
             "Answer with the letter of the correct option.",
         },
@@ -122,16 +150,25 @@ def test_contractnli_on_real_data():
     assert all(r["explanation"].split(" ")[0] in r["context"] for r in dev if r["explanation"])
     first = dev[0]
     assert first["id"] == "contractnli-3-nda-11"
-    assert first["context"].startswith("[...]\n2. Exclusions\nThe obligation of confidentiality set out in this Agreement ")
-    assert first["context"].endswith("Confidential Information is and remains the property of the Disclosing Party.\n[...]")
-    assert "f) Not to alter, modify, disassemble, reverse engineer or decompile any Confidential Information;" in first["context"]
+    assert first["context"].startswith(
+        "[...]\n2. Exclusions\nThe obligation of confidentiality set out in this Agreement "
+    )
+    assert first["context"].endswith(
+        "Confidential Information is and remains the property of the Disclosing Party.\n[...]"
+    )
+    assert (
+        "f) Not to alter, modify, disassemble, reverse engineer or decompile any Confidential Information;"
+        in first["context"]
+    )
     assert formats.mcq_prompt(first).endswith(
-        'Question: Is this hypothesis entailed, contradicted or not mentioned by the agreement? "Receiving Party shall not reverse '
+        'Question: Is this hypothesis entailed, contradicted or not mentioned by the agreement? "Receiving Party '
+        "shall not reverse "
         "engineer any objects which embody Disclosing Party's Confidential Information.\"\n\n"
         "Answer with one of: Entailment, Contradiction, NotMentioned."
     )
     assert formats.mcq_answer(first) == (
-        "Entailment\n\nThe Receiving Parties undertake and agree: f) Not to alter, modify, disassemble, reverse engineer or decompile "
+        "Entailment\n\nThe Receiving Parties undertake and agree: f) Not to alter, modify, disassemble, reverse "
+        "engineer or decompile "
         "any Confidential Information;"
     )
 
@@ -147,11 +184,15 @@ def test_cuad_on_real_data():
     assert len(rows) == 7372 and answers(rows) == {"Yes": 3686, "No": 3686}
     assert max(len(r["context"]) for r in rows) <= legal.CONTEXT_CHARS
     assert formats.mcq_prompt(rows[0]) == (
-        "The context is a clause extracted from a commercial contract. Decide whether it is an instance of the clause type the question describes."
-        "\n\nContext:\nCompany shall not specify the business practices of MA, nor regulate the manner in which MA shall operate its business, "
-        "provided that MA (a) conducts business in a manner that reflects favorably at all times on the Technology sold and the good name, "
+        "The context is a clause extracted from a commercial contract. Decide whether it is an instance of the clause "
+        "type the question describes."
+        "\n\nContext:\nCompany shall not specify the business practices of MA, nor regulate the manner in which MA "
+        "shall operate its business, "
+        "provided that MA (a) conducts business in a manner that reflects favorably at all times on the Technology "
+        "sold and the good name, "
         "goodwill and reputation of Company and its affiliates<omitted>"
-        "\n\nQuestion: Does the clause forbid a party from disparaging the counterparty? (clause type: Non-Disparagement)"
+        "\n\nQuestion: Does the clause forbid a party from disparaging the counterparty? (clause type: "
+        "Non-Disparagement)"
         "\n\nAnswer with one of: Yes, No."
     )
     assert rows[1]["context"] == rows[0]["context"] and rows[1]["answer"] == "No"
@@ -181,17 +222,23 @@ def test_legalbench_on_real_data():
     assert len(rejected) == 43 and sum(t.startswith("maud_") for t in rejected) == 34
     for task, reason in LEGALBENCH_REJECTED.items():
         assert rejected[task] == (
-            f"{tasks / task / 'train.tsv'}: legalbench task {task}: {reason}; the legalbench reader reads classification tasks only; "
+            f"{tasks / task / 'train.tsv'}: legalbench task {task}: {reason}; the legalbench reader reads "
+            "classification tasks only; "
             "pick one listed in datasets/legal/legalbench.md"
         )
-    assert rejected["rule_qa"] == f"{tasks / 'rule_qa' / 'train.tsv'}: legalbench task rule_qa has no rows (header only); pick another task or split"
+    assert (
+        rejected["rule_qa"]
+        == f"{tasks / 'rule_qa' / 'train.tsv'}: legalbench task rule_qa has no rows (header only); pick another task "
+        "or split"
+    )
     rows = rows_of("legalbench", tasks / "abercrombie" / "train.tsv")
     assert answers(rows) == {"generic": 1, "descriptive": 1, "suggestive": 1, "arbitrary": 1, "fanciful": 1}
     assert formats.to_sft(rows[1], "mcq")["messages"] == [
         {
             "role": "user",
             "content": "Determine the Abercrombie classification for a mark/product pair.\n\n"
-            'Question: The mark "Tasty" for bread.\n\nAnswer with one of: arbitrary, descriptive, fanciful, generic, suggestive.',
+            'Question: The mark "Tasty" for bread.\n\nAnswer with one of: arbitrary, descriptive, fanciful, generic, '
+            "suggestive.",
         },
         {"role": "assistant", "content": "descriptive"},
     ]
@@ -212,23 +259,40 @@ def test_tatqa_on_real_data():
     assert (len(dev), len(test)) == (1668, 1663)
     reports = rows_of("tatqa_conversation", shared_data("finance/tat-qa/tatqa_dataset_dev.json"))
     assert len(reports) == 278 and sum(1 + len(r["history"]) // 2 for r in reports) == 1668
-    assert Counter(r["scale"] for r in dev) == {None: 794, "thousand": 345, "percent": 268, "million": 254, "billion": 7}
+    assert Counter(r["scale"] for r in dev) == {
+        None: 794,
+        "thousand": 345,
+        "percent": 268,
+        "million": 254,
+        "billion": 7,
+    }
     # Spans stay verbatim (the report prints "27.0"); computed numbers lose a trailing .0 (see the sample test).
     assert Counter(r["answer"] for r in dev)["27.0"] == 1
     by_id = {r["id"]: r for r in dev}
-    assert by_id["tatqa-593c4388-5209-4462-8b83-b429c8612c25"]["answer"] == "fixed-price type, cost-plus type, time-and-material type"
+    assert (
+        by_id["tatqa-593c4388-5209-4462-8b83-b429c8612c25"]["answer"]
+        == "fixed-price type, cost-plus type, time-and-material type"
+    )
     assert formats.to_sft(by_id["tatqa-eb787966-fa02-401f-bfaf-ccabf3828b23"], "qa")["messages"] == [
         {
             "role": "user",
-            "content": "Context:\n|  |  | Years Ended September 30, |  |\n| --- | --- | --- | --- |\n|  | 2019 | 2018 | 2017 |\n"
-            "| Fixed Price | $ 1,452.4 | $ 1,146.2 | $ 1,036.9 |\n| Other | 44.1 | 56.7 | 70.8 |\n| Total sales | $1,496.5 | $1,202.9 | $1,107.7 |\n\n"
-            "Sales by Contract Type: Substantially all of our contracts are fixed-price type contracts. Sales included in Other contract types "
+            "content": "Context:\n|  |  | Years Ended September 30, |  |\n| --- | --- | --- | --- |\n|  | 2019 | 2018 "
+            "| 2017 |\n"
+            "| Fixed Price | $ 1,452.4 | $ 1,146.2 | $ 1,036.9 |\n| Other | 44.1 | 56.7 | 70.8 |\n| Total sales | "
+            "$1,496.5 | $1,202.9 | $1,107.7 |\n\n"
+            "Sales by Contract Type: Substantially all of our contracts are fixed-price type contracts. Sales "
+            "included in Other contract types "
             "represent cost plus and time and material type contracts.\n\n"
-            "On a fixed-price type contract, we agree to perform the contractual statement of work for a predetermined sales price. On a "
-            "cost-plus type contract, we are paid our allowable incurred costs plus a profit which can be fixed or variable depending on the "
-            "contract’s fee arrangement up to predetermined funding levels determined by the customer. On a time-and-material type contract, "
-            "we are paid on the basis of direct labor hours expended at specified fixed-price hourly rates (that include wages, overhead, "
-            "allowable general and administrative expenses and profit) and materials at cost. The table below presents total net sales "
+            "On a fixed-price type contract, we agree to perform the contractual statement of work for a "
+            "predetermined sales price. On a "
+            "cost-plus type contract, we are paid our allowable incurred costs plus a profit which can be fixed or "
+            "variable depending on the "
+            "contract’s fee arrangement up to predetermined funding levels determined by the customer. On a "
+            "time-and-material type contract, "
+            "we are paid on the basis of direct labor hours expended at specified fixed-price hourly rates (that "
+            "include wages, overhead, "
+            "allowable general and administrative expenses and profit) and materials at cost. The table below "
+            "presents total net sales "
             "disaggregated by contract type (in millions):\n\nQuestion: What is the change in Other in 2019 from 2018?",
         },
         {"role": "assistant", "content": "-12.6 million"},
@@ -240,7 +304,9 @@ def test_convfinqa_on_real_data():
     assert len(rows) == 421
     assert sum(len(r["history"]) // 2 + 1 for r in rows) == 1490
     messages = formats.to_sft(rows[0], "qa")["messages"]
-    assert messages[0]["content"].startswith("Context:\nstock-based awards under the plan stock options 2013 marathon grants")
+    assert messages[0]["content"].startswith(
+        "Context:\nstock-based awards under the plan stock options 2013 marathon grants"
+    )
     assert messages[0]["content"].endswith(
         "|  | 2007 | 2006 | 2005 |\n| --- | --- | --- | --- |\n"
         "| weighted average exercise price per share | 60.94 | 37.84 | 25.14 |\n"
@@ -259,7 +325,11 @@ def test_convfinqa_on_real_data():
         {"role": "assistant", "content": "35.80"},
         {"role": "user", "content": "Question: what was the weighted average exercise price per share in 2005?"},
         {"role": "assistant", "content": "25.14"},
-        {"role": "user", "content": "Question: and how much does that change represent in relation to this 2005 weighted average exercise price?"},
+        {
+            "role": "user",
+            "content": "Question: and how much does that change represent in relation to this 2005 weighted average "
+            "exercise price?",
+        },
         {"role": "assistant", "content": "142.4%"},
     ]
     # A one-turn conversation keeps the document as the row's context.
@@ -271,9 +341,13 @@ def test_hh_rlhf_on_real_data():
     harmless, harmless_bad = read("hh_rlhf", shared_data("preference/hh-rlhf/harmless-base/test.jsonl.gz"))
     # Upstream defects: empty final replies, and pairs whose conversations diverge before the last reply.
     assert (len(helpful), len(helpful_bad), len(harmless), len(harmless_bad)) == (2339, 15, 2303, 9)
-    assert helpful[0]["prompt"] == [{"role": "user", "content": "Do you know why turkeys became the official food of thanksgiving?"}]
+    assert helpful[0]["prompt"] == [
+        {"role": "user", "content": "Do you know why turkeys became the official food of thanksgiving?"}
+    ]
     assert helpful[0]["chosen"][0]["content"].startswith("To be honest, I don’t know anything about that.")
-    assert helpful_bad[0].endswith("test.jsonl.gz:121: field 'rejected': expected at least one non-empty assistant message, found ['assistant']")
+    assert helpful_bad[0].endswith(
+        "test.jsonl.gz:121: field 'rejected': expected at least one non-empty assistant message, found ['assistant']"
+    )
 
 
 # ---------------------------------------------------------------- the project's own samples
@@ -303,7 +377,8 @@ def test_medmcqa_sample():
     rows = rows_of("medmcqa", SAMPLES / "medical/medmcqa_sample.jsonl")
     assert len(rows) == 20 and answers(rows) == {"A": 6, "B": 6, "C": 4, "D": 4}
     assert formats.mcq_prompt(rows[0]) == (
-        "Question: Which vitamin deficiency causes scurvy?\n\nOptions:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D\nD. Vitamin K\n"
+        "Question: Which vitamin deficiency causes scurvy?\n\nOptions:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D\nD. "
+        "Vitamin K\n"
         "Answer with the letter of the correct option."
     )
 
@@ -314,23 +389,34 @@ def test_contractnli_sample():
     short = next(r for r in rows if r["id"] == "contractnli-3-nda-6")
     assert formats.to_sft(short, "mcq")["messages"][1] == {"role": "assistant", "content": "NotMentioned"}
     assert formats.mcq_prompt(short) == (
-        "The context is an excerpt from a non-disclosure agreement. Decide whether the agreement entails the hypothesis, contradicts it, "
+        "The context is an excerpt from a non-disclosure agreement. Decide whether the agreement entails the "
+        "hypothesis, contradicts it, "
         "or does not mention it.\n\nContext:\nNON-DISCLOSURE AGREEMENT\n"
-        'This Agreement is between Northfield Library Consortium ("Northfield") and Brightwave Software Co. ("Brightwave").\n'
-        "1. Each party may disclose to the other technical and business information about a catalogue migration project.\n"
+        'This Agreement is between Northfield Library Consortium ("Northfield") and Brightwave Software Co. '
+        '("Brightwave").\n'
+        "1. Each party may disclose to the other technical and business information about a catalogue migration "
+        "project.\n"
         '2. Information is Confidential Information only if it is labelled "Confidential" when it is disclosed.\n'
-        "3. The receiving party shall hold Confidential Information in confidence and use it only for the migration project.\n"
-        "4. The receiving party may share Confidential Information with its employees and contractors who need it for the project.\n"
-        "5. The receiving party may disclose Confidential Information where a statute, regulation or court order requires disclosure.\n"
-        "6. The obligations in this Agreement continue for five years after the project ends or this Agreement is terminated, whichever is later.\n"
+        "3. The receiving party shall hold Confidential Information in confidence and use it only for the migration "
+        "project.\n"
+        "4. The receiving party may share Confidential Information with its employees and contractors who need it for "
+        "the project.\n"
+        "5. The receiving party may disclose Confidential Information where a statute, regulation or court order "
+        "requires disclosure.\n"
+        "6. The obligations in this Agreement continue for five years after the project ends or this Agreement is "
+        "terminated, whichever is later.\n"
         "7. This Agreement is governed by the laws of the State of Ohio.\n\n"
-        'Question: Is this hypothesis entailed, contradicted or not mentioned by the agreement? "The Agreement grants the Receiving Party '
-        "a licence to the Disclosing Party's intellectual property.\"\n\nAnswer with one of: Entailment, Contradiction, NotMentioned."
+        'Question: Is this hypothesis entailed, contradicted or not mentioned by the agreement? "The Agreement grants '
+        "the Receiving Party "
+        "a licence to the Disclosing Party's intellectual property.\"\n\nAnswer with one of: Entailment, "
+        "Contradiction, NotMentioned."
     )
 
 
 def test_contractnli_long_document_is_trimmed_around_evidence(tmp_path):
-    filler = [f"{i}. The parties agree to routine administrative term number {i} of this agreement." for i in range(200)]
+    filler = [
+        f"{i}. The parties agree to routine administrative term number {i} of this agreement." for i in range(200)
+    ]
     clauses = filler[:120] + ["The Receiving Party shall not reverse engineer any sample."] + filler[120:]
     text, spans = "", []
     for clause in clauses:
@@ -338,7 +424,14 @@ def test_contractnli_long_document_is_trimmed_around_evidence(tmp_path):
         text += clause + "\n"
     data = {
         "labels": {"h": {"hypothesis": "No reverse engineering."}},
-        "documents": [{"id": 1, "text": text, "spans": spans, "annotation_sets": [{"annotations": {"h": {"choice": "Entailment", "spans": [120]}}}]}],
+        "documents": [
+            {
+                "id": 1,
+                "text": text,
+                "spans": spans,
+                "annotation_sets": [{"annotations": {"h": {"choice": "Entailment", "spans": [120]}}}],
+            }
+        ],
     }
     path = write(tmp_path / "long.json", json.dumps(data))
     (row,) = rows_of("contractnli", path)
@@ -353,13 +446,27 @@ def test_tatqa_sample():
     rows = rows_of("tatqa", SAMPLES / "finance/tat-qa/tatqa_sample.json")
     assert len(rows) == 17
     assert [formats.qa_answer(r) for r in rows] == [
-        "48,210 thousand", "new enterprise customers in Europe, higher renewal rates", "5185 thousand", "-15.61%",
-        "2", "Singapore, Sydney", "825", "North America",
-        "4.25%", "5.75%", "175 million", "2029",
-        "15516.67 thousand", "1.60", "-225 thousand", "2", "310,000, $9.3 million",
+        "48,210 thousand",
+        "new enterprise customers in Europe, higher renewal rates",
+        "5185 thousand",
+        "-15.61%",
+        "2",
+        "Singapore, Sydney",
+        "825",
+        "North America",
+        "4.25%",
+        "5.75%",
+        "175 million",
+        "2029",
+        "15516.67 thousand",
+        "1.60",
+        "-225 thousand",
+        "2",
+        "310,000, $9.3 million",
     ]
     assert rows[8]["context"].startswith(
-        "|  | Total | 2024 | 2025 | 2026 and after |\n| --- | --- | --- | --- | --- |\n| Term loan | $ 450.0 | $ 50.0 | $ 100.0 | $ 300.0 |"
+        "|  | Total | 2024 | 2025 | 2026 and after |\n| --- | --- | --- | --- | --- |\n| Term loan | $ 450.0 | $ 50.0 "
+        "| $ 100.0 | $ 300.0 |"
     )
 
 
@@ -376,7 +483,12 @@ def test_tatqa_conversation_trains_every_question_of_a_report_in_one_row(tokeniz
     assert messages[:3] == formats.to_sft(single[0], "qa", "SYS")["messages"]
     assert all(m["content"].startswith("Question: ") for m in messages[3::2])
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    assert answers == ["48,210 thousand", "new enterprise customers in Europe, higher renewal rates", "5185 thousand", "-15.61%"]
+    assert answers == [
+        "48,210 thousand",
+        "new enterprise customers in Europe, higher renewal rates",
+        "5185 thousand",
+        "-15.61%",
+    ]
     # Every answer (and its end-of-turn) is trained; nothing else is.
     tokens = tokenize(tokenizer, messages)
     trained = tokenizer.decode([t for t in tokens["labels"] if t != -100])
@@ -400,42 +512,93 @@ def test_phrasebank_sample_is_latin1():
 
 
 def test_general_formats(tmp_path):
-    sharegpt = write(tmp_path / "chat.jsonl", json.dumps({"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}) + "\n")
+    sharegpt = write(
+        tmp_path / "chat.jsonl",
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello."},
+                ]
+            }
+        )
+        + "\n",
+    )
     assert rows_of("sharegpt", sharegpt)[0]["messages"] == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
 
-    alpaca = write(tmp_path / "alpaca.json", json.dumps([
-        {"instruction": "Name the bone.", "input": "The thigh bone.", "output": "Femur."},
-        {"instruction": "Spell cat.", "input": "", "output": "C-A-T."}]))
-    assert [r["messages"][0]["content"] for r in rows_of("alpaca", alpaca)] == ["Name the bone.\n\nThe thigh bone.", "Spell cat."]
+    alpaca = write(
+        tmp_path / "alpaca.json",
+        json.dumps(
+            [
+                {"instruction": "Name the bone.", "input": "The thigh bone.", "output": "Femur."},
+                {"instruction": "Spell cat.", "input": "", "output": "C-A-T."},
+            ]
+        ),
+    )
+    assert [r["messages"][0]["content"] for r in rows_of("alpaca", alpaca)] == [
+        "Name the bone.\n\nThe thigh bone.",
+        "Spell cat.",
+    ]
 
     completion = write(tmp_path / "pc.jsonl", '{"q": "2+2=", "a": "4"}\n')
     assert rows_of("prompt_completion", completion, columns={"prompt": "q", "completion": "a"})[0]["messages"] == [
-        {"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]
+        {"role": "user", "content": "2+2="},
+        {"role": "assistant", "content": "4"},
+    ]
 
-    mmlu = write(tmp_path / "college_medicine_test.csv", 'Which organ makes insulin?,Liver,Pancreas,"Kidney, left",Spleen,B\n')
+    mmlu = write(
+        tmp_path / "college_medicine_test.csv", 'Which organ makes insulin?,Liver,Pancreas,"Kidney, left",Spleen,B\n'
+    )
     (row,) = rows_of("mmlu_csv", mmlu)
     assert formats.mcq_prompt(row) == (
-        "The following is a multiple choice question about college medicine.\n\nQuestion: Which organ makes insulin?\n\n"
+        "The following is a multiple choice question about college medicine.\n\nQuestion: Which organ makes "
+        "insulin?\n\n"
         "Options:\nA. Liver\nB. Pancreas\nC. Kidney, left\nD. Spleen\nAnswer with the letter of the correct option."
     )
 
-    mcq = write(tmp_path / "mcq.jsonl", "\n".join(json.dumps(r) for r in [
-        {"question": "Pick two.", "options": ["one", "two"], "answer": 1, "explanation": "Two is two."},
-        {"question": "Pick x.", "options": {"x": "ex", "y": "why"}, "answer": "x", "context": "Letters."}]))
+    mcq = write(
+        tmp_path / "mcq.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"question": "Pick two.", "options": ["one", "two"], "answer": 1, "explanation": "Two is two."},
+                {"question": "Pick x.", "options": {"x": "ex", "y": "why"}, "answer": "x", "context": "Letters."},
+            ]
+        ),
+    )
     first, second = rows_of("mcq_jsonl", mcq)
-    assert (first["options"], first["answer"], formats.mcq_answer(first)) == ({"A": "one", "B": "two"}, "B", "B\n\nTwo is two.")
+    assert (first["options"], first["answer"], formats.mcq_answer(first)) == (
+        {"A": "one", "B": "two"},
+        "B",
+        "B\n\nTwo is two.",
+    )
     assert (second["answer"], second["context"]) == ("x", "Letters.")
 
     pairs = write(tmp_path / "pairs.jsonl", json.dumps({"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}) + "\n")
-    assert rows_of("preference", pairs) == [{"prompt": [{"role": "user", "content": "Say hi"}],
-                                             "chosen": [{"role": "assistant", "content": "Hi!"}],
-                                             "rejected": [{"role": "assistant", "content": "No."}]}]
+    assert rows_of("preference", pairs) == [
+        {
+            "prompt": [{"role": "user", "content": "Say hi"}],
+            "chosen": [{"role": "assistant", "content": "Hi!"}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        }
+    ]
 
     user = {"role": "user", "content": "Say hi"}
-    implicit = write(tmp_path / "implicit.jsonl", json.dumps({
-        "chosen": [user, {"role": "assistant", "content": "Hi!"}], "rejected": [user, {"role": "assistant", "content": "No."}]}) + "\n")
+    implicit = write(
+        tmp_path / "implicit.jsonl",
+        json.dumps(
+            {
+                "chosen": [user, {"role": "assistant", "content": "Hi!"}],
+                "rejected": [user, {"role": "assistant", "content": "No."}],
+            }
+        )
+        + "\n",
+    )
     assert rows_of("preference_messages", implicit)[0]["prompt"] == [user]
 
 
@@ -443,24 +606,41 @@ def test_general_formats(tmp_path):
 
 
 def test_bad_records_give_one_line_errors(tmp_path):
-    medmcqa = write(tmp_path / "m.jsonl", json.dumps({"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}) + "\n")
+    medmcqa = write(
+        tmp_path / "m.jsonl", json.dumps({"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}) + "\n"
+    )
     assert one_error("medmcqa", medmcqa) == f"{medmcqa}:1: field 'answer_idx': expected one of A, B, C, D, found None"
 
-    wrong = write(tmp_path / "w.jsonl", json.dumps({"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B", "answer": "c"}) + "\n")
+    wrong = write(
+        tmp_path / "w.jsonl",
+        json.dumps(
+            {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B", "answer": "c"}
+        )
+        + "\n",
+    )
     assert one_error("medmcqa", wrong) == f"{wrong}:1: field 'answer': expected the text of option B ('b'), found 'c'"
 
-    mcq = write(tmp_path / "mcq.jsonl", json.dumps({"question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "C"}) + "\n")
-    assert one_error("mcq_jsonl", mcq) == f"{mcq}:1: field 'answer': expected one of the option labels ['A', 'B'], found 'C'"
+    mcq = write(
+        tmp_path / "mcq.jsonl", json.dumps({"question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "C"}) + "\n"
+    )
+    assert (
+        one_error("mcq_jsonl", mcq)
+        == f"{mcq}:1: field 'answer': expected one of the option labels ['A', 'B'], found 'C'"
+    )
 
     alpaca = write(tmp_path / "a.jsonl", json.dumps({"instruction": "Do it."}) + "\n")
     assert one_error("alpaca", alpaca) == f"{alpaca}:1: field 'output': expected a non-empty string, found None"
 
     sharegpt = write(tmp_path / "s.jsonl", json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n")
-    assert one_error("sharegpt", sharegpt) == f"{sharegpt}:1: field 'conversations[0].from': expected one of human, gpt, system, found 'bot'"
+    assert (
+        one_error("sharegpt", sharegpt)
+        == f"{sharegpt}:1: field 'conversations[0].from': expected one of human, gpt, system, found 'bot'"
+    )
 
     phrasebank = write(tmp_path / "pb.txt", "Sales rose .@positive\nSales fell .@bad\n")
     assert one_error("phrasebank", phrasebank) == (
-        f"{phrasebank}:2: field 'label': expected a line 'sentence@label' with label one of positive, negative, neutral, found 'Sales fell .@bad'"
+        f"{phrasebank}:2: field 'label': expected a line 'sentence@label' with label one of positive, negative, "
+        "neutral, found 'Sales fell .@bad'"
     )
 
     tatqa = json.loads((SAMPLES / "finance/tat-qa/tatqa_sample.json").read_text(encoding="utf-8"))[:1]
@@ -469,7 +649,8 @@ def test_bad_records_give_one_line_errors(tmp_path):
     path = write(tmp_path / "t.json", json.dumps(tatqa))
     uid = tatqa[0]["questions"][0]["uid"]
     assert one_error("tatqa", path) == (
-        f"{path}: context 0, question {uid}: field 'scale': expected one of '', 'thousand', 'million', 'billion', 'percent', found 'crore'"
+        f"{path}: context 0, question {uid}: field 'scale': expected one of '', 'thousand', 'million', 'billion', "
+        "'percent', found 'crore'"
     )
 
     contractnli = json.loads((SAMPLES / "legal/contract-nli/train.json").read_text(encoding="utf-8"))
@@ -478,20 +659,31 @@ def test_bad_records_give_one_line_errors(tmp_path):
     contractnli["documents"][0]["annotation_sets"][0]["annotations"]["nda-2"]["choice"] = "Maybe"
     path = write(tmp_path / "c.json", json.dumps(contractnli))
     assert one_error("contractnli", path) == (
-        f"{path}: document 1, nda-2: field 'annotations.nda-2.choice': expected one of Entailment, Contradiction, NotMentioned, found 'Maybe'"
+        f"{path}: document 1, nda-2: field 'annotations.nda-2.choice': expected one of Entailment, Contradiction, "
+        "NotMentioned, found 'Maybe'"
     )
 
 
 def test_bad_files_give_one_line_errors(tmp_path):
-    truncated = write(tmp_path / "train.json", (SAMPLES / "legal/contract-nli/train.json").read_text(encoding="utf-8")[:500])
-    assert one_error("contractnli", truncated) == f"{truncated}:6: invalid JSON (Unterminated string starting at column 12); fix or re-download the file"
+    truncated = write(
+        tmp_path / "train.json", (SAMPLES / "legal/contract-nli/train.json").read_text(encoding="utf-8")[:500]
+    )
+    assert (
+        one_error("contractnli", truncated)
+        == f"{truncated}:6: invalid JSON (Unterminated string starting at column 12); fix or re-download the file"
+    )
 
     empty = write(tmp_path / "empty.jsonl", "")
-    assert one_error("medmcqa", empty) == f"{empty}: the file is empty; check data.sources[].path or re-download the file"
+    assert (
+        one_error("medmcqa", empty) == f"{empty}: the file is empty; check data.sources[].path or re-download the file"
+    )
 
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"Sales rose\x00\x81\x90@positive\n")
-    assert one_error("phrasebank", binary) == f"{binary}: byte 11 is neither UTF-8 nor Latin-1 text; save the file as UTF-8"
+    assert (
+        one_error("phrasebank", binary)
+        == f"{binary}: byte 11 is neither UTF-8 nor Latin-1 text; save the file as UTF-8"
+    )
 
     wrong_layout = write(tmp_path / "tatqa.json", json.dumps({"dev": []}))
     assert one_error("contractnli", wrong_layout) == (
@@ -501,11 +693,13 @@ def test_bad_files_give_one_line_errors(tmp_path):
 
     not_cuad = write(tmp_path / "clauses.csv", "Filename,Parties\nx.pdf,[]\n")
     assert one_error("cuad", not_cuad) == (
-        f"{not_cuad}: record 2: not CUAD's master_clauses.csv layout: no column 'Most Favored Nation'; point data.sources[].path at master_clauses.csv"
+        f"{not_cuad}: record 2: not CUAD's master_clauses.csv layout: no column 'Most Favored Nation'; point "
+        "data.sources[].path at master_clauses.csv"
     )
 
     assert one_error("contractnli", None, hub="kiddothe2b/contract-nli") == (
-        "data.sources[].hub: kiddothe2b/contract-nli: the contractnli reader reads the upstream release files, not a Hub data set; "
+        "data.sources[].hub: kiddothe2b/contract-nli: the contractnli reader reads the upstream release files, not a "
+        "Hub data set; "
         "download them and set data.sources[].path instead"
     )
 
@@ -513,15 +707,23 @@ def test_bad_files_give_one_line_errors(tmp_path):
     write(task / "README.md", "# toy\n\n### Extract the party.\n\n**Task type**: Extraction\n")
     tsv = write(task / "train.tsv", "index\ttext\tanswer\n0\tAcme sued Bolt.\tAcme\n1\tCarr sued Dune.\tCarr\n")
     assert one_error("legalbench", tsv) == (
-        f"{tsv}: legalbench task toy_extraction: its card says the task type is 'Extraction'; the legalbench reader reads classification "
+        f"{tsv}: legalbench task toy_extraction: its card says the task type is 'Extraction'; the legalbench reader "
+        "reads classification "
         "tasks only; pick one listed in datasets/legal/legalbench.md"
     )
 
 
 def test_hh_transcript_errors(tmp_path):
     path = tmp_path / "hh.jsonl.gz"
-    path.write_bytes(gzip.compress((json.dumps({"chosen": "Human: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}) + "\n").encode()))
-    assert one_error("hh_rlhf", path) == f"{path}:1: field 'chosen': expected a transcript starting with '\\n\\nHuman:', found 'Human: hi'"
+    path.write_bytes(
+        gzip.compress(
+            (json.dumps({"chosen": "Human: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}) + "\n").encode()
+        )
+    )
+    assert (
+        one_error("hh_rlhf", path)
+        == f"{path}:1: field 'chosen': expected a transcript starting with '\\n\\nHuman:', found 'Human: hi'"
+    )
 
 
 def test_cuad_and_convfinqa_rows_match_their_cards(tmp_path):
@@ -529,7 +731,10 @@ def test_cuad_and_convfinqa_rows_match_their_cards(tmp_path):
 
     columns = ["Filename"] + [c for category in legal.CUAD_QUESTIONS for c in (category, f"{category}-Answer")]
     contract = {c: "No" if c.endswith("-Answer") else "[]" for c in columns[1:]}
-    clause = "Distributor may, on 30 days' notice, inspect the Supplier's records relating to the Products to verify the royalty statements."
+    clause = (
+        "Distributor may, on 30 days' notice, inspect the Supplier's records relating to the Products to verify "
+        "the royalty statements."
+    )
     contract.update({"Filename": "toy.pdf", "Audit Rights": repr([clause]), "Audit Rights-Answer": "Yes"})
     path = tmp_path / "master_clauses.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -538,20 +743,38 @@ def test_cuad_and_convfinqa_rows_match_their_cards(tmp_path):
         writer.writerow(contract)
     yes, no = rows_of("cuad", path)
     assert formats.mcq_prompt(yes) == (
-        "The context is a clause extracted from a commercial contract. Decide whether it is an instance of the clause type the question describes."
-        f"\n\nContext:\n{clause}\n\nQuestion: Does the clause let a party audit the counterparty's books, records or premises to check compliance? "
+        "The context is a clause extracted from a commercial contract. Decide whether it is an instance of the clause "
+        "type the question describes."
+        f"\n\nContext:\n{clause}\n\nQuestion: Does the clause let a party audit the counterparty's books, records or "
+        "premises to check compliance? "
         "(clause type: Audit Rights)\n\nAnswer with one of: Yes, No."
     )
-    assert (yes["answer"], no["answer"], no["question"].endswith("(clause type: Uncapped Liability)")) == ("Yes", "No", True)
+    assert (yes["answer"], no["answer"], no["question"].endswith("(clause type: Uncapped Liability)")) == (
+        "Yes",
+        "No",
+        True,
+    )
     assert "(clause type: Audit Rights)" in (SAMPLES / "legal/cuad.md").read_text(encoding="utf-8")
 
-    conversation = {"id": "toy", "doc": {"pre_text": "revenue grew on higher volumes .", "post_text": "", "table": {"2021": {"net revenue": 412.5}, "2020": {"net revenue": 380.0}}},
-                    "dialogue": {"conv_questions": ["what was net revenue in 2021?", "what was the change from 2020?"], "conv_answers": ["412.5", "32.5"]}}
+    conversation = {
+        "id": "toy",
+        "doc": {
+            "pre_text": "revenue grew on higher volumes .",
+            "post_text": "",
+            "table": {"2021": {"net revenue": 412.5}, "2020": {"net revenue": 380.0}},
+        },
+        "dialogue": {
+            "conv_questions": ["what was net revenue in 2021?", "what was the change from 2020?"],
+            "conv_answers": ["412.5", "32.5"],
+        },
+    }
     path = write(tmp_path / "conv.json", json.dumps({"dev": [conversation]}))
     (row,) = rows_of("convfinqa", path)
     rendered = "\n".join(f"[{m['role']}]\n{m['content']}" for m in formats.to_sft(row, "qa")["messages"])
     assert rendered == (
-        "[user]\nContext:\nrevenue grew on higher volumes .\n\n|  | 2021 | 2020 |\n| --- | --- | --- |\n| net revenue | 412.5 | 380 |\n\n"
-        "Question: what was net revenue in 2021?\n[assistant]\n412.5\n[user]\nQuestion: what was the change from 2020?\n[assistant]\n32.5"
+        "[user]\nContext:\nrevenue grew on higher volumes .\n\n|  | 2021 | 2020 |\n| --- | --- | --- |\n| net revenue "
+        "| 412.5 | 380 |\n\n"
+        "Question: what was net revenue in 2021?\n[assistant]\n412.5\n[user]\nQuestion: what was the change from "
+        "2020?\n[assistant]\n32.5"
     )
     assert rendered in (SAMPLES / "finance/convfinqa.md").read_text(encoding="utf-8")

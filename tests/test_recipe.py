@@ -36,12 +36,20 @@ MINIMAL = "data:\n  sources:\n    - path: rows.jsonl\n"
         (MINIMAL + "train:\n  lerning_rate: 0.1\n", "train.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
         (MINIMAL + "trian:\n  epochs: 1\n", "trian: unknown key (did you mean 'train'?)"),
         (MINIMAL + "train:\n  max_steps: ten\n", "train.max_steps: expected an integer, got 'ten'"),
-        (MINIMAL + "model:\n  quantization: fp4\n", "model.quantization: expected one of 'none', 'nf4' or 'int8', got 'fp4'"),
+        (
+            MINIMAL + "model:\n  quantization: fp4\n",
+            "model.quantization: expected one of 'none', 'nf4' or 'int8', got 'fp4'",
+        ),
         (MINIMAL + "train:\n  learning_rate: 0\n", "train.learning_rate: Input should be greater than 0, got 0"),
         (MINIMAL + "adapter:\n  type: ia3\n", "adapter.type: expected one of 'lora', 'dora' or 'rslora', got 'ia3'"),
-        (MINIMAL + "model:\n  trust_remote_code: maybe\n", "model.trust_remote_code: expected true or false, got 'maybe'"),
-        ("data:\n  sources:\n    - path: a.jsonl\n      reader: messagez\n",
-         "data.sources.0.reader: unknown reader 'messagez' (did you mean 'messages'?)"),
+        (
+            MINIMAL + "model:\n  trust_remote_code: maybe\n",
+            "model.trust_remote_code: expected true or false, got 'maybe'",
+        ),
+        (
+            "data:\n  sources:\n    - path: a.jsonl\n      reader: messagez\n",
+            "data.sources.0.reader: unknown reader 'messagez' (did you mean 'messages'?)",
+        ),
         ("data:\n  sources:\n    - reader: messages\n", "data.sources.0: give exactly one of 'path' or 'hub'"),
         ("model:\n  base: embedded\n", "data: required key is missing"),
     ],
@@ -82,11 +90,22 @@ def test_python_yaml_tags_are_refused(tmp_path):
 
 def test_every_field_has_a_description_and_a_default():
     reference = recipe.schema_reference()
-    for section in (recipe.ModelSection, recipe.AdapterSection, recipe.TrainSection, recipe.DataSection, recipe.SourceSection, recipe.DpoSection, recipe.ExportSection, recipe.EvalSection):
+    for section in (
+        recipe.ModelSection,
+        recipe.AdapterSection,
+        recipe.TrainSection,
+        recipe.DataSection,
+        recipe.SourceSection,
+        recipe.DpoSection,
+        recipe.ExportSection,
+        recipe.EvalSection,
+    ):
         for name, field in section.model_fields.items():
             assert field.description, f"{section.__name__}.{name} has no description"
             if name not in ("sources",):
-                assert not field.is_required() or section is recipe.DataSection, f"{section.__name__}.{name} has no default"
+                assert not field.is_required() or section is recipe.DataSection, (
+                    f"{section.__name__}.{name} has no default"
+                )
                 assert f"{name} (default" in reference
 
 
@@ -112,4 +131,6 @@ def test_cli_bad_recipe_is_one_line_and_exit_2(capsys):
 
 def test_readme_recipe_reference_matches_the_schema():
     readme = (PROJECT / "README.md").read_text()
-    assert "```\n" + recipe.schema_reference() + "\n```" in readme, "README's recipe reference is stale: paste `finetune recipes schema`"
+    assert "```\n" + recipe.schema_reference() + "\n```" in readme, (
+        "README's recipe reference is stale: paste `finetune recipes schema`"
+    )

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import cli, hub, model as model_lib
+from finetune import cli, hub
+from finetune import model as model_lib
 from finetune.errors import FinetuneError
 from finetune.merge import merge
 from finetune.recipe import ModelSection, load
@@ -32,7 +33,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 @pytest.fixture
 def from_pretrained_calls(monkeypatch):
-    """Every from_pretrained call of the model and tokenizer auto classes, with its kwargs (the real call still runs)."""
+    """Every from_pretrained call of the model and tokenizer auto classes, with its kwargs (the real call runs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     calls = []
@@ -69,7 +70,10 @@ def test_trust_remote_code_on_is_passed_and_logged(from_pretrained_calls, caplog
 
 def test_a_model_that_needs_remote_code_is_refused_before_transformers_sees_it(from_pretrained_calls):
     # transformers would otherwise stop at an interactive "run the custom code? [y/N]" prompt.
-    with pytest.raises(FinetuneError, match=r"needs its own Python code \(config.json has auto_map\); set model.trust_remote_code=true only if"):
+    with pytest.raises(
+        FinetuneError,
+        match=r"needs its own Python code \(config.json has auto_map\); set model.trust_remote_code=true only if",
+    ):
         model_lib.load(ModelSection(base=str(MODELS / "remote-code")))
     assert from_pretrained_calls == []
 
@@ -99,7 +103,10 @@ def test_transformers_itself_refuses_the_pickle_with_use_safetensors():
 # ---------------------------------------------------------------- a tiny run with a Hub token in the environment
 
 ROWS = [
-    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+    ]
     for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]
 ]
 
@@ -125,7 +132,13 @@ def token_run(tmp_path_factory, tiny_llama_dir):
         "model": {"base": str(tiny_llama_dir)},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"sources": [{"path": str(folder / "rows.jsonl")}], "max_length": 128},
-        "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1, "warmup_ratio": 0.0, "output_dir": str(folder / "run")},
+        "train": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "save_steps": 1,
+            "warmup_ratio": 0.0,
+            "output_dir": str(folder / "run"),
+        },
     }
     (folder / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     collect = Collect()
@@ -179,11 +192,15 @@ def test_the_hub_token_appears_in_no_file_log_card_or_output(token_run):
 # ---------------------------------------------------------------- YAML
 
 
-@pytest.mark.parametrize("tag", ["!!python/object:os.system", "!!python/object/apply:os.system ['true']", "!!python/name:os.system"])
+@pytest.mark.parametrize(
+    "tag", ["!!python/object:os.system", "!!python/object/apply:os.system ['true']", "!!python/name:os.system"]
+)
 def test_python_yaml_tags_are_refused_in_recipes_and_overrides(tmp_path, tag):
     recipe = tmp_path / "tagged.yaml"
     recipe.write_text(f"data:\n  sources:\n    - path: {tag}\n")
-    with pytest.raises(FinetuneError, match=r"invalid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/"):
+    with pytest.raises(
+        FinetuneError, match=r"invalid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/"
+    ):
         load(str(recipe))
     plain = tmp_path / "plain.yaml"
     plain.write_text("data:\n  sources:\n    - path: rows.jsonl\n")
@@ -198,14 +215,23 @@ def test_the_package_has_no_unsafe_loader():
     for path in sorted((PROJECT / "finetune").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import | ast.ImportFrom):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
                 if any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names):
                     problems.append(f"{path.name}:{node.lineno}: imports a pickle module")
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue
             owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
             keywords = {k.arg: k.value for k in node.keywords}
-            if owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load", "load_all", "unsafe_load_all", "full_load_all"):
+            if owner == "yaml" and node.func.attr in (
+                "load",
+                "unsafe_load",
+                "full_load",
+                "load_all",
+                "unsafe_load_all",
+                "full_load_all",
+            ):
                 loader = keywords.get("Loader") or (node.args[1] if len(node.args) > 1 else None)
                 if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")):
                     problems.append(f"{path.name}:{node.lineno}: yaml.{node.func.attr} without SafeLoader")

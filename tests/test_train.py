@@ -14,7 +14,10 @@ from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
 ROWS = [
-    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+    ]
     for a, b in [(1, 2), (3, 4), (5, 6), (7, 1), (2, 2), (9, 0), (4, 4), (6, 3)]
 ]
 
@@ -23,14 +26,24 @@ def tiny_recipe(tmp_path, base, **train_overrides) -> Recipe:
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS))
-    return Recipe.model_validate({
-        "name": "tiny",
-        "model": {"base": str(base)},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"sources": [{"path": str(data)}], "max_length": 128},
-        "train": {"max_steps": 24, "learning_rate": 5e-3, "batch_size": 4, "warmup_ratio": 0.0,
-                  "lr_scheduler": "constant", "save_steps": 12, "output_dir": str(tmp_path / "run"), **train_overrides},
-    })
+    return Recipe.model_validate(
+        {
+            "name": "tiny",
+            "model": {"base": str(base)},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"sources": [{"path": str(data)}], "max_length": 128},
+            "train": {
+                "max_steps": 24,
+                "learning_rate": 5e-3,
+                "batch_size": 4,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "constant",
+                "save_steps": 12,
+                "output_dir": str(tmp_path / "run"),
+                **train_overrides,
+            },
+        }
+    )
 
 
 def losses(run_dir) -> list[float]:
@@ -42,8 +55,16 @@ def test_lora_training_lowers_the_loss_and_writes_every_output(tmp_path, tiny_ll
     curve = losses(out)
     assert len(curve) == 24
     assert sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
-    for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "run.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/chat_template.jinja", "adapter/tokenizer.json"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/chat_template.jinja",
+        "adapter/tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     assert "generation" in (out / "adapter" / "chat_template.jinja").read_text()
     meta = json.loads((out / "run.json").read_text())
@@ -76,7 +97,9 @@ def test_a_finished_run_is_not_overwritten_without_asking(tmp_path, tiny_llama_d
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_llama_dir):
     recipe = tiny_recipe(tmp_path, tiny_llama_dir, learning_rate=1e30, max_steps=6)
-    with pytest.raises(FinetuneError, match=r"train: (loss|gradient norm) became nan at step 2; lower train.learning_rate"):
+    with pytest.raises(
+        FinetuneError, match=r"train: (loss|gradient norm) became nan at step 2; lower train.learning_rate"
+    ):
         train.run(recipe)
     assert not (recipe.output_dir / "run.json").exists()
     assert not (recipe.output_dir / "adapter").exists()

@@ -37,7 +37,9 @@ class Built:
 
 def raw_source(section: SourceSection) -> RawSource:
     path = resolve_path(section.path) if section.path else None
-    return RawSource(path=path, hub=section.hub, config=section.config, split=section.split, columns=dict(section.columns))
+    return RawSource(
+        path=path, hub=section.hub, config=section.config, split=section.split, columns=dict(section.columns)
+    )
 
 
 def read_source(section: SourceSection, on_bad_row: str, seed: int) -> tuple[Reader, list[dict], int]:
@@ -67,7 +69,9 @@ def _mixed(data: DataSection, seed: int, convert) -> tuple[list[dict], dict]:
     rows, seen, stats = [], set(), {"sources": [], "duplicates": 0}
     for section in data.sources:
         reader, source_rows, skipped = read_source(section, data.on_bad_row, seed)
-        stats["sources"].append({"source": section.path or section.hub, "reader": reader.name, "rows": len(source_rows), "skipped": skipped})
+        stats["sources"].append(
+            {"source": section.path or section.hub, "reader": reader.name, "rows": len(source_rows), "skipped": skipped}
+        )
         for row in source_rows:
             for converted in convert(row, reader.kind):
                 key = json.dumps(converted, sort_keys=True)
@@ -89,7 +93,9 @@ def chat_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
 
 def preference_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
     """Preference pairs for DPO: {"prompt", "chosen", "rejected"} message lists."""
-    return _mixed(data, seed, lambda row, kind: formats.to_preferences(row, kind, data.system_prompt, data.explanations))
+    return _mixed(
+        data, seed, lambda row, kind: formats.to_preferences(row, kind, data.system_prompt, data.explanations)
+    )
 
 
 def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -106,14 +112,24 @@ def build_preferences(recipe: Recipe, tokenizer) -> Built:
     rows, stats = preference_rows(recipe.data, recipe.train.seed)
 
     def fits(pair: dict) -> bool:
-        longest = max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True)) for side in ("chosen", "rejected"))
+        longest = max(
+            len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True))
+            for side in ("chosen", "rejected")
+        )
         return longest <= recipe.data.max_length
 
     kept = [pair for pair in rows if fits(pair)]
     if not kept:
-        raise FinetuneError(f"data.max_length: all {len(rows)} preference pairs are longer than {recipe.data.max_length} tokens; raise data.max_length")
+        raise FinetuneError(
+            f"data.max_length: all {len(rows)} preference pairs are longer than {recipe.data.max_length} tokens; "
+            "raise data.max_length"
+        )
     if len(kept) < len(rows):
-        log.warning("dropped %d preference pair(s) longer than data.max_length=%d tokens", len(rows) - len(kept), recipe.data.max_length)
+        log.warning(
+            "dropped %d preference pair(s) longer than data.max_length=%d tokens",
+            len(rows) - len(kept),
+            recipe.data.max_length,
+        )
     train, evaluation = _split(kept, recipe.data.eval_fraction)
     stats.update(train_rows=len(train), eval_rows=len(evaluation), dropped_too_long=len(rows) - len(kept))
     return Built(Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, stats)
@@ -121,10 +137,15 @@ def build_preferences(recipe: Recipe, tokenizer) -> Built:
 
 def tokenize(tokenizer, messages: list[dict]) -> dict:
     """input_ids and labels; labels are -100 except on assistant content and its end-of-turn token."""
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
     if not any(mask):
-        raise FinetuneError("model.chat_template: the template marks no assistant tokens; it needs {% generation %} markers around the assistant content")
+        raise FinetuneError(
+            "model.chat_template: the template marks no assistant tokens; it needs {% generation %} markers around "
+            "the assistant content"
+        )
     return {"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)]}
 
 
@@ -179,9 +200,14 @@ def build(recipe: Recipe, tokenizer) -> Built:
     train_tokens, too_long = _tokenize_all(tokenizer, train_rows, recipe.data.max_length)
     eval_tokens, eval_too_long = _tokenize_all(tokenizer, eval_rows, recipe.data.max_length)
     if too_long:
-        log.warning("dropped %d training row(s) longer than data.max_length=%d tokens", too_long, recipe.data.max_length)
+        log.warning(
+            "dropped %d training row(s) longer than data.max_length=%d tokens", too_long, recipe.data.max_length
+        )
     if not train_tokens:
-        raise FinetuneError(f"data.max_length: all {len(train_rows)} training rows are longer than {recipe.data.max_length} tokens; raise data.max_length")
+        raise FinetuneError(
+            f"data.max_length: all {len(train_rows)} training rows are longer than {recipe.data.max_length} tokens; "
+            "raise data.max_length"
+        )
     token_stats = {
         "train_rows": len(train_tokens),
         "eval_rows": len(eval_tokens),

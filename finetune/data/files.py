@@ -29,7 +29,9 @@ def _suffixes(path: Path) -> str:
 def read_text(path: Path) -> str:
     """File text in UTF-8, else Latin-1 (several public finance and legal files are Latin-1)."""
     if not path.is_file():
-        raise FinetuneError(f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)")
+        raise FinetuneError(
+            f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)"
+        )
     raw = path.read_bytes()
     if path.name.endswith(".gz"):
         try:
@@ -44,7 +46,9 @@ def read_text(path: Path) -> str:
         text = raw.decode("latin-1")
         controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\r\n" or 0x7F <= ord(ch) < 0xA0)
         if "\x00" in text or controls > len(text) / 1000:
-            raise FinetuneError(f"{path}: byte {e.start} is neither UTF-8 nor Latin-1 text; save the file as UTF-8") from None
+            raise FinetuneError(
+                f"{path}: byte {e.start} is neither UTF-8 nor Latin-1 text; save the file as UTF-8"
+            ) from None
         return text
 
 
@@ -63,7 +67,10 @@ def parse_json(path: Path):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise FinetuneError(f"{path}:{e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix or re-download the file") from None
+        raise FinetuneError(
+            f"{path}:{e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix or re-download "
+            "the file"
+        ) from None
 
 
 # Lines of a JSONL file that are not JSON objects, collected instead of raised while data.on_bad_row is skip.
@@ -90,7 +97,10 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         try:
             record = _object(json.loads(line), where)
         except json.JSONDecodeError as e:
-            error = FinetuneError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix the line or set data.on_bad_row=skip")
+            error = FinetuneError(
+                f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix the line or set "
+                "data.on_bad_row=skip"
+            )
         except FinetuneError as e:
             error = e
         else:
@@ -105,7 +115,10 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 def _object(record, where: str) -> dict:
     # Readers index records by field name; a list or scalar would surface as an AttributeError deep in a reader.
     if not isinstance(record, dict):
-        raise FinetuneError(f"{where}: expected a JSON object {{field: value}}, found a {type(record).__name__}; each record must be one object")
+        raise FinetuneError(
+            f"{where}: expected a JSON object {{field: value}}, found a {type(record).__name__}; each record must be "
+            "one object"
+        )
     return record
 
 
@@ -120,7 +133,10 @@ def _delimited(path: Path, delimiter: str, header: bool) -> Iterator[tuple[str, 
             continue
         names = columns or [str(i) for i in range(len(cells))]
         if len(cells) != len(names):
-            raise FinetuneError(f"{path}: record {number}: expected {len(names)} columns, found {len(cells)}; check quoting and the delimiter")
+            raise FinetuneError(
+                f"{path}: record {number}: expected {len(names)} columns, found {len(cells)}; check quoting and the "
+                "delimiter"
+            )
         yield f"{path}: record {number}", dict(zip(names, cells))
 
 
@@ -138,7 +154,9 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
 def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
     """Every record of a local file as (where, dict); CSV/TSV without a header get keys '0', '1', ..."""
     if not path.is_file():
-        raise FinetuneError(f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)")
+        raise FinetuneError(
+            f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)"
+        )
     suffix = _suffixes(path)
     if suffix == ".jsonl":
         yield from _jsonl(path)
@@ -146,7 +164,9 @@ def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
         data = parse_json(path)
         items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
         if items is None:
-            raise FinetuneError(f"{path}: expected a JSON list of records (or an object of records), found {type(data).__name__}")
+            raise FinetuneError(
+                f"{path}: expected a JSON list of records (or an object of records), found {type(data).__name__}"
+            )
         for key, record in items:
             yield f"{path}: record {key}", _object(record, f"{path}: record {key}")
     elif suffix in (".csv", ".tsv"):
@@ -154,7 +174,9 @@ def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
     elif suffix == ".parquet":
         yield from _parquet(path)
     else:
-        raise FinetuneError(f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet")
+        raise FinetuneError(
+            f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet"
+        )
 
 
 def hub_records(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
@@ -163,10 +185,17 @@ def hub_records(name: str, config: str | None, split: str) -> Iterator[tuple[str
     try:
         dataset = load_dataset(name, config, split=split)
     except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError... for the same cause
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" or "offline" in str(e).lower() or isinstance(e, ConnectionError):
+        if (
+            os.environ.get("HF_HUB_OFFLINE") == "1"
+            or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+            or "offline" in str(e).lower()
+            or isinstance(e, ConnectionError)
+        ):
             raise FinetuneError(
-                f"data.sources[].hub: {name}: cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set or there is no network) "
-                "and the data set is not cached; download it where there is network, or point data.sources[].path at a local copy"
+                f"data.sources[].hub: {name}: cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set or there is no "
+                "network) "
+                "and the data set is not cached; download it where there is network, or point data.sources[].path at "
+                "a local copy"
             ) from None
         first = first_line(e)
         raise FinetuneError(f"data.sources[].hub: {name} (config {config}, split {split}): {first}") from None
@@ -181,6 +210,9 @@ def rename(record: dict, columns: dict[str, str], where: str) -> dict:
     renamed = dict(record)
     for target, source in columns.items():
         if source not in record:
-            raise FinetuneError(f"{where}: column mapping {target}: {source}: no field {source!r} in the record (fields: {', '.join(map(str, record))})")
+            raise FinetuneError(
+                f"{where}: column mapping {target}: {source}: no field {source!r} in the record (fields: "
+                f"{', '.join(map(str, record))})"
+            )
         renamed[target] = renamed.pop(source)
     return renamed

@@ -45,7 +45,10 @@ def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[st
     path = files.local_path(source.path, source.hub, reader)
     data = files.parse_json(path)
     if not isinstance(data, list):
-        raise FinetuneError(f"{path}: expected TAT-QA's layout (a list of contexts with table, paragraphs, questions), found a {type(data).__name__}")
+        raise FinetuneError(
+            f"{path}: expected TAT-QA's layout (a list of contexts with table, paragraphs, questions), found a "
+            f"{type(data).__name__}"
+        )
     for index, context in enumerate(data):
         yield f"{path}: context {index}", context
 
@@ -66,7 +69,9 @@ def _tatqa_context(context: dict, where: str) -> str:
     if not isinstance(table, list) or not table or not all(isinstance(row, list) and row for row in table):
         raise bad_row(where, "table.table", "a non-empty list of rows of cells", table)
     paragraphs = context.get("paragraphs")
-    if not isinstance(paragraphs, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in paragraphs):
+    if not isinstance(paragraphs, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("text"), str) for p in paragraphs
+    ):
         raise bad_row(where, "paragraphs", "a list of {order, text}", paragraphs)
     texts = [p["text"].strip() for p in sorted(paragraphs, key=lambda p: p.get("order", 0))]
     return "\n\n".join([markdown_table(table), *texts])
@@ -109,14 +114,30 @@ def tatqa_conversation_convert(record: dict, where: str, source: readers.RawSour
     if not isinstance(questions, list) or not questions:
         raise bad_row(where, "questions", "a non-empty list of questions", questions)
     ordered = sorted(questions, key=lambda q: q.get("order", 0) if isinstance(q, dict) else 0)
-    rows = [tatqa_convert({"context": record, "question": q}, f"{where}, question {q.get('uid') if isinstance(q, dict) else i}", source)
-            for i, q in enumerate(ordered)]
+    rows = [
+        tatqa_convert(
+            {"context": record, "question": q},
+            f"{where}, question {q.get('uid') if isinstance(q, dict) else i}",
+            source,
+        )
+        for i, q in enumerate(ordered)
+    ]
     history = []
     for turn, row in enumerate(rows[:-1]):
-        history += [{"role": "user", "content": qa_prompt({"context": row["context"] if turn == 0 else None, "question": row["question"]})},
-                    {"role": "assistant", "content": qa_answer(row)}]
+        history += [
+            {
+                "role": "user",
+                "content": qa_prompt({"context": row["context"] if turn == 0 else None, "question": row["question"]}),
+            },
+            {"role": "assistant", "content": qa_answer(row)},
+        ]
     last = rows[-1]
-    return {**last, "id": f"tatqa-context-{record.get('table', {}).get('uid', where)}", "context": None if history else last["context"], "history": history}
+    return {
+        **last,
+        "id": f"tatqa-context-{record.get('table', {}).get('uid', where)}",
+        "context": None if history else last["context"],
+        "history": history,
+    }
 
 
 # ---------------------------------------------------------------- ConvFinQA
@@ -127,7 +148,10 @@ def convfinqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     path = files.local_path(source.path, source.hub, "convfinqa")
     data = files.parse_json(path)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise FinetuneError(f"{path}: expected the restructured ConvFinQA layout ({{\"dev\": [conversations]}}), found a {type(data).__name__}")
+        raise FinetuneError(
+            f'{path}: expected the restructured ConvFinQA layout ({{"dev": [conversations]}}), found a '
+            f"{type(data).__name__}"
+        )
     if source.split in data:
         conversations = data[source.split]
     elif len(data) == 1:
@@ -150,13 +174,21 @@ def _convfinqa_table(table, where: str) -> str:
 
 
 def convfinqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
-    if not isinstance(record, dict) or not isinstance(record.get("doc"), dict) or not isinstance(record.get("dialogue"), dict):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("doc"), dict)
+        or not isinstance(record.get("dialogue"), dict)
+    ):
         raise bad_row(where, "(record)", "an object with id, doc and dialogue", record)
     doc, dialogue = record["doc"], record["dialogue"]
     questions, answers = dialogue.get("conv_questions"), dialogue.get("conv_answers")
     if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
         raise bad_row(where, "dialogue.conv_questions", "a non-empty list of questions", questions)
-    if not isinstance(answers, list) or len(answers) != len(questions) or not all(isinstance(a, str) and a.strip() for a in answers):
+    if (
+        not isinstance(answers, list)
+        or len(answers) != len(questions)
+        or not all(isinstance(a, str) and a.strip() for a in answers)
+    ):
         raise bad_row(where, "dialogue.conv_answers", f"{len(questions)} answer strings, one per question", answers)
     parts = [doc.get("pre_text"), _convfinqa_table(doc.get("table"), where), doc.get("post_text")]
     document = "\n\n".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
@@ -190,7 +222,9 @@ def phrasebank_convert(record: dict, where: str, source: readers.RawSource) -> d
     sentence, at, label = record["line"].rpartition("@")
     label = label.strip()
     if not at or label not in PHRASEBANK_LABELS:
-        raise bad_row(where, "label", f"a line 'sentence@label' with label one of {', '.join(PHRASEBANK_LABELS)}", record["line"])
+        raise bad_row(
+            where, "label", f"a line 'sentence@label' with label one of {', '.join(PHRASEBANK_LABELS)}", record["line"]
+        )
     return {
         "id": f"phrasebank-{where.rsplit(':', 1)[-1]}",
         "question": PHRASEBANK_QUESTION,
@@ -208,7 +242,8 @@ readers.register(
         kind="qa",
         records=tatqa_records,
         convert=tatqa_convert,
-        description="TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its scale; "
+        description="TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its "
+        "scale; "
         "the table is rendered as Markdown, span lists joined with ', '.",
         card="finance/tatqa.md",
         license="CC BY 4.0",
@@ -220,8 +255,10 @@ readers.register(
         kind="qa",
         records=tatqa_conversation_records,
         convert=tatqa_conversation_convert,
-        description="TAT-QA for training: each report's questions as one conversation (the table and paragraphs in the first user "
-        "turn, as `tatqa` renders them; the other questions as follow-ups), so every answer is trained for one pass over the report.",
+        description="TAT-QA for training: each report's questions as one conversation (the table and paragraphs in "
+        "the first user "
+        "turn, as `tatqa` renders them; the other questions as follow-ups), so every answer is trained for one pass "
+        "over the report.",
         card="finance/tatqa.md",
         license="CC BY 4.0",
     )
@@ -232,7 +269,8 @@ readers.register(
         kind="qa",
         records=convfinqa_records,
         convert=convfinqa_convert,
-        description="ConvFinQA (restructured dev JSON): each conversation -> the earlier turns as history (the document in the first "
+        description="ConvFinQA (restructured dev JSON): each conversation -> the earlier turns as history (the "
+        "document in the first "
         "user turn) and the last question as the one to answer.",
         card="finance/convfinqa.md",
         license="MIT (ConvFinQA upstream; the restructured copy has no license file)",
@@ -244,7 +282,8 @@ readers.register(
         kind="mcq",
         records=phrasebank_records,
         convert=phrasebank_convert,
-        description="Financial PhraseBank (Sentences_*.txt, 'sentence@label' lines, Latin-1) -> positive / negative / neutral.",
+        description="Financial PhraseBank (Sentences_*.txt, 'sentence@label' lines, Latin-1) -> positive / negative / "
+        "neutral.",
         card="finance/phrasebank.md",
         license="CC BY-NC-SA 3.0 (non-commercial)",
         commercial_use=False,

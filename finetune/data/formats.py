@@ -62,7 +62,11 @@ def check_sft(row: dict, where: str) -> dict:
 def check_mcq(row: dict, where: str) -> dict:
     question = _text(row, "question", where)
     options = row.get("options")
-    if not isinstance(options, dict) or len(options) < 2 or not all(isinstance(v, str) and v.strip() for v in options.values()):
+    if (
+        not isinstance(options, dict)
+        or len(options) < 2
+        or not all(isinstance(v, str) and v.strip() for v in options.values())
+    ):
         raise bad_row(where, "options", "at least two {label: non-empty text} options", options)
     answer = row.get("answer")
     if answer not in options:
@@ -152,9 +156,15 @@ def to_sft(row: dict, kind: str, system_prompt: str | None = None, with_explanat
     if kind == "sft":
         messages = list(row["messages"])
     elif kind == "mcq":
-        messages = [{"role": "user", "content": mcq_prompt(row)}, {"role": "assistant", "content": mcq_answer(row, with_explanation)}]
+        messages = [
+            {"role": "user", "content": mcq_prompt(row)},
+            {"role": "assistant", "content": mcq_answer(row, with_explanation)},
+        ]
     elif kind == "qa":
-        messages = list(row["history"]) + [{"role": "user", "content": qa_prompt(row)}, {"role": "assistant", "content": qa_answer(row)}]
+        messages = list(row["history"]) + [
+            {"role": "user", "content": qa_prompt(row)},
+            {"role": "assistant", "content": qa_answer(row)},
+        ]
     else:
         raise FinetuneError(f"a {kind} row cannot be used for SFT; use a reader that yields sft, mcq or qa rows")
     return {"messages": _with_system(messages, system_prompt)}
@@ -170,9 +180,14 @@ def to_preferences(row: dict, kind: str, system_prompt: str | None = None, with_
     """Preference pairs for DPO: preference rows as they are; an mcq row gives one pair per distractor,
     the correct answer (with its explanation unless `with_explanation` is false) chosen over the distractor's label."""
     if kind == "preference":
-        return [{"prompt": _with_system(row["prompt"], system_prompt), "chosen": row["chosen"], "rejected": row["rejected"]}]
+        return [
+            {"prompt": _with_system(row["prompt"], system_prompt), "chosen": row["chosen"], "rejected": row["rejected"]}
+        ]
     if kind != "mcq":
-        raise FinetuneError(f"train.method dpo needs preference pairs, and a {kind} reader gives none; use a preference reader or a multiple-choice source")
+        raise FinetuneError(
+            f"train.method dpo needs preference pairs, and a {kind} reader gives none; use a preference reader or a "
+            "multiple-choice source"
+        )
     prompt = _with_system([{"role": "user", "content": mcq_prompt(row)}], system_prompt)
     chosen = [{"role": "assistant", "content": mcq_answer(row, with_explanation)}]
     return [

@@ -55,13 +55,23 @@ def alpaca_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     instruction = _string(record, "instruction", where)
     extra = _string(record, "input", where, optional=True)
     prompt = f"{instruction.strip()}\n\n{extra.strip()}" if extra else instruction.strip()
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(record, "output", where)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _string(record, "output", where)},
+        ]
+    }
 
 
 def prompt_completion_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     record = _record(record, where, "prompt, completion")
     prompt = _string(record, "prompt", where)
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(record, "completion", where)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _string(record, "completion", where)},
+        ]
+    }
 
 
 def mmlu_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
@@ -106,7 +116,9 @@ def mcq_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     # An integer answer indexes the options in order (list options, or MMLU-style answer: 2).
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(options):
-            raise bad_row(where, "answer", f"an option index 0..{len(options) - 1} or one of the labels {list(options)}", answer)
+            raise bad_row(
+                where, "answer", f"an option index 0..{len(options) - 1} or one of the labels {list(options)}", answer
+            )
         answer = list(options)[answer]
     return {
         "id": str(record.get("id", where)),
@@ -139,7 +151,12 @@ def preference_messages_convert(record: dict, where: str, source: readers.RawSou
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         if shared == 0:
-            raise bad_row(where, "prompt", "a list of messages (or chosen/rejected conversations that share their opening turns)", None)
+            raise bad_row(
+                where,
+                "prompt",
+                "a list of messages (or chosen/rejected conversations that share their opening turns)",
+                None,
+            )
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -160,10 +177,17 @@ def hh_rlhf_convert(record: dict, where: str, source: readers.RawSource) -> dict
     chosen = _hh_turns(record.get("chosen"), where, "chosen")
     rejected = _hh_turns(record.get("rejected"), where, "rejected")
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        raise bad_row(where, "chosen/rejected", "transcripts ending with an '\\n\\nAssistant:' turn", chosen[-1]["content"])
+        raise bad_row(
+            where, "chosen/rejected", "transcripts ending with an '\\n\\nAssistant:' turn", chosen[-1]["content"]
+        )
     if chosen[:-1] != rejected[:-1]:
         # A handful of upstream pairs diverge before the last reply; they are not a preference over one prompt.
-        raise bad_row(where, "rejected", "the same conversation as 'chosen' up to the last Assistant turn", rejected[-2]["content"] if len(rejected) > 1 else "")
+        raise bad_row(
+            where,
+            "rejected",
+            "the same conversation as 'chosen' up to the last Assistant turn",
+            rejected[-2]["content"] if len(rejected) > 1 else "",
+        )
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
@@ -181,7 +205,8 @@ for _reader in (
         kind="sft",
         records=readers.default_records,
         convert=alpaca_convert,
-        description="Alpaca instructions: {instruction, input (optional), output}; also medical instruction sets in this layout.",
+        description="Alpaca instructions: {instruction, input (optional), output}; also medical instruction sets in "
+        "this layout.",
         card="formats.md",
     ),
     readers.Reader(
@@ -197,7 +222,8 @@ for _reader in (
         kind="mcq",
         records=mmlu_records,
         convert=mmlu_convert,
-        description="MMLU per-subject CSV without header: question, A, B, C, D, answer letter; the subject comes from the file name.",
+        description="MMLU per-subject CSV without header: question, A, B, C, D, answer letter; the subject comes from "
+        "the file name.",
         card="formats.md",
         license="MIT",
     ),
@@ -206,7 +232,8 @@ for _reader in (
         kind="mcq",
         records=readers.default_records,
         convert=mcq_convert,
-        description="Multiple choice: {question, options ({label: text} or a list), answer (label or index), context?, explanation?}.",
+        description="Multiple choice: {question, options ({label: text} or a list), answer (label or index), "
+        "context?, explanation?}.",
         card="formats.md",
     ),
     readers.Reader(
@@ -222,7 +249,8 @@ for _reader in (
         kind="preference",
         records=readers.default_records,
         convert=preference_messages_convert,
-        description="DPO pairs as message lists: {prompt, chosen, rejected}, or chosen/rejected whole conversations (implicit prompt).",
+        description="DPO pairs as message lists: {prompt, chosen, rejected}, or chosen/rejected whole conversations "
+        "(implicit prompt).",
         card="formats.md",
     ),
     readers.Reader(
@@ -230,7 +258,8 @@ for _reader in (
         kind="preference",
         records=readers.default_records,
         convert=hh_rlhf_convert,
-        description="Anthropic HH-RLHF transcripts {chosen, rejected} split at the last Assistant turn into prompt / chosen / rejected.",
+        description="Anthropic HH-RLHF transcripts {chosen, rejected} split at the last Assistant turn into prompt / "
+        "chosen / rejected.",
         card="preference/hh-rlhf.md",
         license="MIT",
     ),

@@ -25,16 +25,21 @@ CONTRACTNLI_INSTRUCTION = (
 # CUAD's Yes/No categories (the other eight, e.g. Parties or Governing Law, hold free-text answers).
 # Questions are written for this project after CUAD's category descriptions.
 CUAD_QUESTIONS = {
-    "Most Favored Nation": "Does the clause entitle a party to terms at least as favourable as those the counterparty gives to third parties?",
-    "Competitive Restriction Exception": "Does the clause carve out an exception to a non-compete, exclusivity or no-solicit restriction?",
-    "Non-Compete": "Does the clause restrict a party from competing with the counterparty or from operating in a field or area?",
-    "Exclusivity": "Does the clause create exclusive dealing, such as a duty to buy from, sell to or license only one party?",
+    "Most Favored Nation": "Does the clause entitle a party to terms at least as favourable as those the counterparty "
+    "gives to third parties?",
+    "Competitive Restriction Exception": "Does the clause carve out an exception to a non-compete, exclusivity or "
+    "no-solicit restriction?",
+    "Non-Compete": "Does the clause restrict a party from competing with the counterparty or from operating in a "
+    "field or area?",
+    "Exclusivity": "Does the clause create exclusive dealing, such as a duty to buy from, sell to or license only one "
+    "party?",
     "No-Solicit Of Customers": "Does the clause forbid a party from soliciting the counterparty's customers?",
     "No-Solicit Of Employees": "Does the clause forbid a party from soliciting or hiring the counterparty's employees?",
     "Non-Disparagement": "Does the clause forbid a party from disparaging the counterparty?",
     "Termination For Convenience": "Does the clause let a party terminate the contract without cause, on notice?",
     "Rofr/Rofo/Rofn": "Does the clause give a party a right of first refusal, first offer or first negotiation?",
-    "Change Of Control": "Does the clause give a party rights, such as termination or consent, when the counterparty changes control, merges or sells its assets?",
+    "Change Of Control": "Does the clause give a party rights, such as termination or consent, when the counterparty "
+    "changes control, merges or sells its assets?",
     "Anti-Assignment": "Does the clause require consent or notice before a party may assign the contract?",
     "Revenue/Profit Sharing": "Does the clause require a party to share revenue or profit with the counterparty?",
     "Price Restrictions": "Does the clause restrict a party's ability to raise or lower prices?",
@@ -46,26 +51,44 @@ CUAD_QUESTIONS = {
     "Non-Transferable License": "Does the clause make a licence non-transferable or forbid sublicensing?",
     "Affiliate License-Licensor": "Does the clause license intellectual property owned by the licensor's affiliates?",
     "Affiliate License-Licensee": "Does the clause extend a licence to the licensee's affiliates?",
-    "Unlimited/All-You-Can-Eat-License": "Does the clause grant an unlimited-use licence, such as an enterprise-wide or all-you-can-eat licence?",
+    "Unlimited/All-You-Can-Eat-License": "Does the clause grant an unlimited-use licence, such as an enterprise-wide "
+    "or all-you-can-eat licence?",
     "Irrevocable Or Perpetual License": "Does the clause grant an irrevocable or perpetual licence?",
     "Source Code Escrow": "Does the clause require source code to be deposited with an escrow agent?",
-    "Post-Termination Services": "Does the clause oblige a party to provide services or cooperation after the contract ends, such as transition support?",
-    "Audit Rights": "Does the clause let a party audit the counterparty's books, records or premises to check compliance?",
+    "Post-Termination Services": "Does the clause oblige a party to provide services or cooperation after the "
+    "contract ends, such as transition support?",
+    "Audit Rights": "Does the clause let a party audit the counterparty's books, records or premises to check "
+    "compliance?",
     "Uncapped Liability": "Does the clause leave a party's liability uncapped for some breach or claim?",
     "Cap On Liability": "Does the clause cap a party's liability?",
-    "Liquidated Damages": "Does the clause fix liquidated damages or a termination fee payable on breach or termination?",
+    "Liquidated Damages": "Does the clause fix liquidated damages or a termination fee payable on breach or "
+    "termination?",
     "Warranty Duration": "Does the clause set how long a warranty lasts?",
     "Insurance": "Does the clause require a party to carry insurance?",
-    "Covenant Not To Sue": "Does the clause restrict a party from suing the counterparty or challenging its rights, such as its intellectual property?",
+    "Covenant Not To Sue": "Does the clause restrict a party from suing the counterparty or challenging its rights, "
+    "such as its intellectual property?",
     "Third Party Beneficiary": "Does the clause name a third party that may enforce the contract?",
 }
 CUAD_CATEGORIES = list(CUAD_QUESTIONS)
-CUAD_INSTRUCTION = "The context is a clause extracted from a commercial contract. Decide whether it is an instance of the clause type the question describes."
+CUAD_INSTRUCTION = (
+    "The context is a clause extracted from a commercial contract. Decide whether it is an instance of "
+    "the clause type the question describes."
+)
 YES_NO = {"Yes": "Yes", "No": "No"}
 
 # LegalBench columns that are not model input: ids and provenance, and diversity_*'s two sub-answers
 # (they would leak the label).
-LEGALBENCH_NOT_INPUT = {"index", "answer", "document_name", "slice", "case id", "Docket No.", "year", "parties_are_diverse", "aic_is_met"}
+LEGALBENCH_NOT_INPUT = {
+    "index",
+    "answer",
+    "document_name",
+    "slice",
+    "case id",
+    "Docket No.",
+    "year",
+    "parties_are_diverse",
+    "aic_is_met",
+}
 LEGALBENCH_MAX_LABELS = 12
 
 
@@ -89,14 +112,24 @@ def contractnli_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]
     """One record per (document, hypothesis): every document is annotated for every hypothesis in `labels`."""
     path = files.local_path(source.path, source.hub, "contractnli")
     data = files.parse_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("labels"), dict) or not isinstance(data.get("documents"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("labels"), dict)
+        or not isinstance(data.get("documents"), list)
+    ):
         found = list(data) if isinstance(data, dict) else type(data).__name__
-        raise FinetuneError(f"{path}: expected ContractNLI's layout (an object with 'labels' and 'documents'), found {found}; point data.sources[].path at train.json, dev.json or test.json")
+        raise FinetuneError(
+            f"{path}: expected ContractNLI's layout (an object with 'labels' and 'documents'), found {found}; point "
+            "data.sources[].path at train.json, dev.json or test.json"
+        )
     for index, document in enumerate(data["documents"]):
         name = document.get("id", index) if isinstance(document, dict) else index
         for hypothesis_id, label in data["labels"].items():
             hypothesis = label.get("hypothesis") if isinstance(label, dict) else label
-            yield f"{path}: document {name}, {hypothesis_id}", {"document": document, "hypothesis_id": hypothesis_id, "hypothesis": hypothesis}
+            yield (
+                f"{path}: document {name}, {hypothesis_id}",
+                {"document": document, "hypothesis_id": hypothesis_id, "hypothesis": hypothesis},
+            )
 
 
 def _words(text: str) -> set[str]:
@@ -148,18 +181,29 @@ def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> 
     text, spans = document.get("text"), document.get("spans")
     if not isinstance(text, str) or not text.strip():
         raise bad_row(where, "text", "the contract text (a non-empty string)", text)
-    if not isinstance(spans, list) or not spans or not all(isinstance(s, list) and len(s) == 2 and 0 <= s[0] <= s[1] <= len(text) for s in spans):
+    if (
+        not isinstance(spans, list)
+        or not spans
+        or not all(isinstance(s, list) and len(s) == 2 and 0 <= s[0] <= s[1] <= len(text) for s in spans)
+    ):
         raise bad_row(where, "spans", "a non-empty list of [start, end] character offsets into text", spans)
     try:
         annotation = document["annotation_sets"][0]["annotations"][hypothesis_id]
     except (KeyError, IndexError, TypeError):
-        raise bad_row(where, f"annotation_sets[0].annotations.{hypothesis_id}", "the hypothesis's {choice, spans} annotation", None) from None
+        raise bad_row(
+            where,
+            f"annotation_sets[0].annotations.{hypothesis_id}",
+            "the hypothesis's {choice, spans} annotation",
+            None,
+        ) from None
     choice = annotation.get("choice") if isinstance(annotation, dict) else None
     if choice not in CONTRACTNLI_LABELS:
         raise bad_row(where, f"annotations.{hypothesis_id}.choice", f"one of {', '.join(CONTRACTNLI_LABELS)}", choice)
     evidence = annotation.get("spans")
     if not isinstance(evidence, list) or not all(isinstance(i, int) and 0 <= i < len(spans) for i in evidence):
-        raise bad_row(where, f"annotations.{hypothesis_id}.spans", f"indices into the document's {len(spans)} spans", evidence)
+        raise bad_row(
+            where, f"annotations.{hypothesis_id}.spans", f"indices into the document's {len(spans)} spans", evidence
+        )
     hypothesis = record["hypothesis"]
     if not isinstance(hypothesis, str) or not hypothesis.strip():
         raise bad_row(where, f"labels.{hypothesis_id}.hypothesis", "a non-empty string", hypothesis)
@@ -173,7 +217,8 @@ def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> 
         anchors = [max(range(len(spans)), key=lambda i: (len(wanted & _words(text[spans[i][0] : spans[i][1]])), -i))]
     return {
         "id": f"contractnli-{document.get('id')}-{hypothesis_id}",
-        "question": f'Is this hypothesis entailed, contradicted or not mentioned by the agreement? "{hypothesis.strip()}"',
+        "question": "Is this hypothesis entailed, contradicted or not mentioned by the agreement? "
+        f'"{hypothesis.strip()}"',
         "options": {label: label for label in CONTRACTNLI_LABELS},
         "answer": choice,
         "context": _excerpt(text, spans, anchors),
@@ -199,7 +244,10 @@ def cuad_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
         if not checked:
             missing = [c for c in CUAD_QUESTIONS for column in (c, f"{c}-Answer") if column not in contract]
             if missing:
-                raise FinetuneError(f"{where}: not CUAD's master_clauses.csv layout: no column {missing[0]!r}; point data.sources[].path at master_clauses.csv")
+                raise FinetuneError(
+                    f"{where}: not CUAD's master_clauses.csv layout: no column {missing[0]!r}; point "
+                    "data.sources[].path at master_clauses.csv"
+                )
             checked = True
         absent = [i for i, c in enumerate(CUAD_QUESTIONS) if contract[f"{c}-Answer"].strip() == "No"]
         for position, category in enumerate(CUAD_QUESTIONS):
@@ -220,7 +268,12 @@ def cuad_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     except (ValueError, SyntaxError):
         excerpts = None
     if not isinstance(excerpts, list) or not excerpts or not all(isinstance(e, str) and e.strip() for e in excerpts):
-        raise bad_row(where, record["category"], "a Python-list-style string of clause excerpts, e.g. \"['...']\"", record["clause"])
+        raise bad_row(
+            where,
+            record["category"],
+            "a Python-list-style string of clause excerpts, e.g. \"['...']\"",
+            record["clause"],
+        )
     asked = record["asked"]
     return {
         "id": f"cuad-{record['Filename']}-{record['category']}-{asked}",
@@ -237,7 +290,7 @@ def cuad_convert(record: dict, where: str, source: readers.RawSource) -> dict:
 
 
 def _legalbench_card(source: readers.RawSource) -> tuple[str | None, str | None]:
-    """The task's one-line description (the card's '###' heading) and its '**Task type**', when the card sits beside the file."""
+    """The task's one-line description (the card's '###' heading) and '**Task type**', when the card is beside it."""
     if source.path is None:
         return None, None
     cards = [p for p in source.path.parent.iterdir() if p.name.lower() == "readme.md"]
@@ -255,7 +308,9 @@ def legalbench_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     task = source.path.parent.name if source.path else source.config or source.name
     rows = list(source.records())
     if not rows:
-        raise FinetuneError(f"{source.name}: legalbench task {task} has no rows (header only); pick another task or split")
+        raise FinetuneError(
+            f"{source.name}: legalbench task {task} has no rows (header only); pick another task or split"
+        )
     instruction, task_type = _legalbench_card(source)
     labels = sorted({str(record.get("answer", "")).strip() for _, record in rows} - {""})
     problem = None
@@ -270,7 +325,10 @@ def legalbench_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     elif not all(re.search(r"[A-Za-z]", label) for label in labels):
         problem = f"its answers {labels[:4]} are values, not class labels"
     if problem:
-        raise FinetuneError(f"{source.name}: legalbench task {task}: {problem}; the legalbench reader reads classification tasks only; pick one listed in datasets/legal/legalbench.md")
+        raise FinetuneError(
+            f"{source.name}: legalbench task {task}: {problem}; the legalbench reader reads classification tasks "
+            "only; pick one listed in datasets/legal/legalbench.md"
+        )
     for where, record in rows:
         yield where, {"row": record, "labels": labels, "instruction": instruction, "task": task}
 
@@ -280,11 +338,17 @@ def legalbench_convert(record: dict, where: str, source: readers.RawSource) -> d
     answer = str(row.get("answer", "")).strip()
     if answer not in record["labels"]:
         raise bad_row(where, "answer", f"one of the task's labels {record['labels']}", row.get("answer"))
-    inputs = {k: str(v).strip() for k, v in row.items() if k not in LEGALBENCH_NOT_INPUT and v is not None and str(v).strip()}
+    inputs = {
+        k: str(v).strip() for k, v in row.items() if k not in LEGALBENCH_NOT_INPUT and v is not None and str(v).strip()
+    }
     if not inputs:
         raise bad_row(where, "(input columns)", "at least one non-empty input column such as text", row)
     question = inputs.pop("question", None)
-    rendered = "\n".join(f"{name}: {value}" for name, value in inputs.items()) if len(inputs) > 1 else next(iter(inputs.values()), None)
+    rendered = (
+        "\n".join(f"{name}: {value}" for name, value in inputs.items())
+        if len(inputs) > 1
+        else next(iter(inputs.values()), None)
+    )
     return {
         "id": f"legalbench-{record['task']}-{row.get('index', where)}",
         "question": question or rendered,
@@ -302,7 +366,8 @@ readers.register(
         kind="mcq",
         records=contractnli_records,
         convert=contractnli_convert,
-        description="ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / NotMentioned, "
+        description="ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / "
+        "NotMentioned, "
         f"context = the evidence spans and their neighbours up to {CONTEXT_CHARS} characters, evidence as rationale.",
         card="legal/contractnli.md",
         license="CC BY 4.0",
@@ -314,7 +379,8 @@ readers.register(
         kind="mcq",
         records=cuad_records,
         convert=cuad_convert,
-        description="CUAD v1 master_clauses.csv: each extracted clause -> Yes for its own clause type and No for a type the contract lacks "
+        description="CUAD v1 master_clauses.csv: each extracted clause -> Yes for its own clause type and No for a "
+        "type the contract lacks "
         "(33 Yes/No categories).",
         card="legal/cuad.md",
         license="CC BY 4.0",
@@ -326,7 +392,8 @@ readers.register(
         kind="mcq",
         records=legalbench_records,
         convert=legalbench_convert,
-        description="One LegalBench classification task (tasks/<task>/train.tsv or test.tsv, or nguha/legalbench with config=<task>): "
+        description="One LegalBench classification task (tasks/<task>/train.tsv or test.tsv, or nguha/legalbench with "
+        "config=<task>): "
         "the card's instruction + the input columns -> one of the answer labels seen in the file.",
         card="legal/legalbench.md",
         license="CC BY 4.0 / CC BY-SA 4.0 / MIT, per task",

@@ -17,19 +17,25 @@ def _pubmedqa_test_pmids(source: readers.RawSource) -> set[str]:
     ground_truth = source.path.parent / "test_ground_truth.json"
     if not ground_truth.is_file():
         raise FinetuneError(
-            f"{source.path}: split {source.split}: test_ground_truth.json (the 500 official test PMIDs) must sit beside "
+            f"{source.path}: split {source.split}: test_ground_truth.json (the 500 official test PMIDs) must sit "
+            "beside "
             "ori_pqal.json so the test questions are never trained on; copy it from the PubMedQA repository"
         )
     return set(files.parse_json(ground_truth))
 
 
 def pubmedqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
-    """ori_pqal.json is an object keyed by PMID; `split` picks the non-test PMIDs (train), the official test ones, or all."""
+    """ori_pqal.json is keyed by PMID; `split` picks the non-test PMIDs (train), the official test ones, or all."""
     if source.split not in PUBMEDQA_SPLITS:
-        raise FinetuneError(f"data.sources[].split: pubmedqa has splits {', '.join(PUBMEDQA_SPLITS)}, got {source.split!r}")
+        raise FinetuneError(
+            f"data.sources[].split: pubmedqa has splits {', '.join(PUBMEDQA_SPLITS)}, got {source.split!r}"
+        )
     data = files.parse_json(files.local_path(source.path, source.hub, "pubmedqa"))
     if not isinstance(data, dict):
-        raise FinetuneError(f"{source.path}: expected PubMedQA's ori_pqal.json layout (an object keyed by PMID), found a {type(data).__name__}")
+        raise FinetuneError(
+            f"{source.path}: expected PubMedQA's ori_pqal.json layout (an object keyed by PMID), found a "
+            f"{type(data).__name__}"
+        )
     test = _pubmedqa_test_pmids(source) if source.split != "all" else set()
     for pmid, record in data.items():
         if (source.split == "train") == (pmid in test) and source.split != "all":
@@ -66,7 +72,9 @@ def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.Ra
     instead of its other sections, so the label follows from a sentence that states the finding."""
     row = pubmedqa_convert(record, where, source)
     if row["explanation"] is None:
-        raise bad_row(where, "LONG_ANSWER", "a non-empty string (the conclusion this setting reads)", record.get("LONG_ANSWER"))
+        raise bad_row(
+            where, "LONG_ANSWER", "a non-empty string (the conclusion this setting reads)", record.get("LONG_ANSWER")
+        )
     return {**row, "id": f"pubmedqa-conclusion-{record['pmid']}", "context": row["explanation"], "explanation": None}
 
 
@@ -101,7 +109,8 @@ readers.register(
         kind="mcq",
         records=readers.default_records,
         convert=medmcqa_convert,
-        description="MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, realidx; "
+        description="MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, "
+        "realidx; "
         "explanation when present) -> 4-option multiple choice.",
         card="medical/medmcqa.md",
         license="MIT (MedAgentsBench packaging); MedMCQA upstream open-licensed",
@@ -127,7 +136,8 @@ readers.register(
         kind="mcq",
         records=pubmedqa_records,
         convert=pubmedqa_reasoning_free_convert,
-        description="PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> yes / no / maybe "
+        description="PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> "
+        "yes / no / maybe "
         "(training rows that teach the mapping; the headline score stays `pubmedqa`'s). Same splits.",
         card="medical/pubmedqa.md",
         license="MIT",

@@ -19,7 +19,7 @@ from finetune.data import files
 
 @dataclass(frozen=True)
 class RawSource:
-    """Where a reader's raw records come from: a recipe's data.sources[] entry (or an eval task) with its path resolved."""
+    """Where a reader's raw records come from: a recipe's data.sources[] entry (or an eval task), path resolved."""
 
     path: Path | None
     hub: str | None = None

@@ -77,10 +77,16 @@ def _write_cached(path: Path | None, scored: dict) -> None:
         with runs.staged(path) as tmp:
             tmp.write_text(json.dumps(scored))
     except OSError as e:  # a cache that cannot be written costs the next run time, never this run's report
-        log.warning("could not cache the base scores in %s (%s); the next evaluation scores the base again", path.parent, e.strerror or e)
+        log.warning(
+            "could not cache the base scores in %s (%s); the next evaluation scores the base again",
+            path.parent,
+            e.strerror or e,
+        )
 
 
-def score_base(model, tokenizer, recipe: Recipe, name: str, task: Task, items: list[dict], batch_size: int, cache: bool) -> dict:
+def score_base(
+    model, tokenizer, recipe: Recipe, name: str, task: Task, items: list[dict], batch_size: int, cache: bool
+) -> dict:
     """The base model's scores on a task, from the cache when the same base already scored the same prompts."""
     path = base_cache_file(recipe, tokenizer, task, items, batch_size) if cache else None
     cached = _read_cached(path)

@@ -55,7 +55,10 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
     if task.kind == "mcq":
         # How often each option is the answer and how often each model picks it: a model that
         # scores by always picking one label shows here before it shows anywhere else.
-        entry["label_counts"] = {"gold": _counts(it["answer"] for it in items), **{label: _counts(r["predictions"]) for label, r in scored.items()}}
+        entry["label_counts"] = {
+            "gold": _counts(it["answer"] for it in items),
+            **{label: _counts(r["predictions"]) for label, r in scored.items()},
+        }
     else:
         entry["examples"] = [
             {"id": it["id"], "answer": it["answer"], **{label: r["predictions"][i] for label, r in scored.items()}}
@@ -76,7 +79,9 @@ def _target(target) -> tuple[Recipe, Path | None, Path]:
     if path.is_dir() and runs.RunFolder(path).recipe.is_file():
         return runs.finished_recipe(path), path, path
     if path.is_dir():
-        raise FinetuneError(f"{target}: not a run folder (no recipe.yaml) and not a recipe; give a finished run folder or a recipe name")
+        raise FinetuneError(
+            f"{target}: not a run folder (no recipe.yaml) and not a recipe; give a finished run folder or a recipe name"
+        )
     recipe = recipe_lib.load(str(target))
     # A bare recipe scores the base model only; its report goes beside (not into) the run's own eval.json.
     return recipe, None, recipe.output_dir / "base-eval"
@@ -96,7 +101,9 @@ def run(target, suite: str | None = None, n: int | None = None, cache: bool = Tr
     chosen = load_suite(suite or suite_for(recipe))
     system_prompt = chosen.system_prompt or recipe.data.system_prompt
     tasks = {name: (task, examples(task, system_prompt, chosen.seed, n)) for name, task in chosen.tasks.items()}
-    log.info("eval suite %s: %s", chosen.name, ", ".join(f"{name} ({len(items)})" for name, (_, items) in tasks.items()))
+    log.info(
+        "eval suite %s: %s", chosen.name, ", ".join(f"{name} ({len(items)})" for name, (_, items) in tasks.items())
+    )
 
     scored: dict[str, dict[str, dict]] = {name: {} for name in tasks}
     if run_dir is not None:
@@ -130,9 +137,16 @@ def run(target, suite: str | None = None, n: int | None = None, cache: bool = Tr
         "system_prompt": system_prompt,
         "device": model_lib.device(),
         "bootstrap": {"resamples": chosen.bootstrap, "seed": chosen.seed},
-        "tasks": {name: _summary(task, items, scored[name], chosen.bootstrap, chosen.seed) for name, (task, items) in tasks.items()},
+        "tasks": {
+            name: _summary(task, items, scored[name], chosen.bootstrap, chosen.seed)
+            for name, (task, items) in tasks.items()
+        },
     }
     write_report(result, out)
     for name in regressions(result):
-        log.warning("REGRESSION on %s: the adapter scores below the base (95%% CI of the delta %s)", name, ci_text(result["tasks"][name]["ci95"]))
+        log.warning(
+            "REGRESSION on %s: the adapter scores below the base (95%% CI of the delta %s)",
+            name,
+            ci_text(result["tasks"][name]["ci95"]),
+        )
     return result

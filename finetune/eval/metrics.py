@@ -31,8 +31,18 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SCALES = {"thousand": 1e3, "thousands": 1e3, "k": 1e3, "million": 1e6, "millions": 1e6, "mn": 1e6, "m": 1e6,
-          "billion": 1e9, "billions": 1e9, "bn": 1e9}
+SCALES = {
+    "thousand": 1e3,
+    "thousands": 1e3,
+    "k": 1e3,
+    "million": 1e6,
+    "millions": 1e6,
+    "mn": 1e6,
+    "m": 1e6,
+    "billion": 1e9,
+    "billions": 1e9,
+    "bn": 1e9,
+}
 NUMBER = re.compile(
     r"(?P<open>\()?\s*(?P<sign>[-\u2212\u2013])?\s*[$\u20ac\u00a3]?\s*"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
@@ -97,7 +107,9 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def paired_bootstrap(base: list[float], adapter: list[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+def paired_bootstrap(
+    base: list[float], adapter: list[float], resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """95% percentile interval of mean(adapter - base) over examples resampled with replacement."""
     if len(base) != len(adapter) or not base:
         raise ValueError("paired bootstrap needs two equally long, non-empty score lists")

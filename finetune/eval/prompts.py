@@ -28,10 +28,15 @@ def task_files(task: Task) -> list[str]:
     if pattern.is_absolute():
         matches = sorted(glob.glob(str(pattern)))
     else:
-        matches = next((found for root in (Path.cwd(), PROJECT_ROOT) if (found := sorted(str(p) for p in root.glob(task.path)))), [])
+        matches = next(
+            (found for root in (Path.cwd(), PROJECT_ROOT) if (found := sorted(str(p) for p in root.glob(task.path)))),
+            [],
+        )
     if matches:
         return matches
-    raise FinetuneError(f"eval task ({task.reader}, {task.path}): the pattern matches no file; check the path in the suite")
+    raise FinetuneError(
+        f"eval task ({task.reader}, {task.path}): the pattern matches no file; check the path in the suite"
+    )
 
 
 def conversation(row: dict, kind: str, system_prompt: str | None, shots: list[dict] = ()) -> list[dict]:
@@ -53,7 +58,10 @@ def examples(task: Task, system_prompt: str | None, seed: int = 0, n: int | None
     files = {path: read_source(_source(task, path), "error", seed)[1] for path in task_files(task)}
     rows = [(path, row) for path, file_rows in files.items() for row in file_rows]
     if not rows:
-        raise FinetuneError(f"eval task ({task.reader}, {task.path}, split {task.split}): no rows; check the path and split in the suite")
+        raise FinetuneError(
+            f"eval task ({task.reader}, {task.path}, split {task.split}): no rows; check the path and split in the "
+            "suite"
+        )
     if limit is not None and len(rows) > limit:
         rows = random.Random(seed).sample(rows, limit)
     shared = demonstrations(task, [row for _, row in rows], seed) if isinstance(task.shots_from, ShotsSource) else []
@@ -84,7 +92,10 @@ def demonstrations(task: Task, scored: list[dict], seed: int) -> list[dict]:
     pool = [r for r in pool if _question(r, task.kind) not in taken]
     random.Random(seed).shuffle(pool)
     if len(pool) < task.shots:
-        raise FinetuneError(f"eval task ({task.path}): shots: {task.shots} but shots_from {task.shots_from.path} has only {len(pool)} rows that are not scored; lower shots or n")
+        raise FinetuneError(
+            f"eval task ({task.path}): shots: {task.shots} but shots_from {task.shots_from.path} has only {len(pool)} "
+            "rows that are not scored; lower shots or n"
+        )
     return pool[: task.shots]
 
 
@@ -93,5 +104,8 @@ def own_file_shots(task: Task, file_rows: list[dict], row: dict, seed: int) -> l
     question = _question(row, task.kind)
     pool = [r for r in file_rows if _question(r, task.kind) != question]
     if len(pool) < task.shots:
-        raise FinetuneError(f"eval task ({task.path}): shots: {task.shots} but {row['id']}'s file has only {len(pool)} other rows; lower shots")
+        raise FinetuneError(
+            f"eval task ({task.path}): shots: {task.shots} but {row['id']}'s file has only {len(pool)} other rows; "
+            "lower shots"
+        )
     return random.Random(f"{seed}-{row['id']}").sample(pool, task.shots)

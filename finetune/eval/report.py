@@ -26,12 +26,36 @@ def _score(value) -> str:
 def table(result: dict) -> str:
     """The Markdown table of eval.md (the CLI prints it)."""
     has_merged = any("merged" in t for t in result["tasks"].values())
-    head = ["task", "metric", "n", "base", "adapter", *(["merged"] if has_merged else []), "delta", "95% CI of delta", ""]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", "---:", "---:", "---:", *(["---:"] if has_merged else []), "---:", "---", "---"]) + "|"]
+    head = [
+        "task",
+        "metric",
+        "n",
+        "base",
+        "adapter",
+        *(["merged"] if has_merged else []),
+        "delta",
+        "95% CI of delta",
+        "",
+    ]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|"
+        + "|".join(["---", "---", "---:", "---:", "---:", *(["---:"] if has_merged else []), "---:", "---", "---"])
+        + "|",
+    ]
     for name, t in result["tasks"].items():
         delta = f"{t['delta']:+.3f}" if t["delta"] is not None else "–"
-        cells = [name, t["metric"], str(t["n"]), _score(t["base"]), _score(t["adapter"]), *([_score(t.get("merged"))] if has_merged else []),
-                 delta, ci_text(t["ci95"]), "**REGRESSION**" if t["regression"] else ""]
+        cells = [
+            name,
+            t["metric"],
+            str(t["n"]),
+            _score(t["base"]),
+            _score(t["adapter"]),
+            *([_score(t.get("merged"))] if has_merged else []),
+            delta,
+            ci_text(t["ci95"]),
+            "**REGRESSION**" if t["regression"] else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -48,14 +72,23 @@ def markdown(result: dict) -> str:
         f"({b['resamples']} resamples, seed {b['seed']}); REGRESSION marks an interval entirely below 0.",
     ]
     picks = [
-        f"- `{name}`: " + "; ".join(f"{who} " + ", ".join(f"{option} {count}" for option, count in counts.items()) for who, counts in t["label_counts"].items())
-        for name, t in result["tasks"].items() if "label_counts" in t
+        f"- `{name}`: "
+        + "; ".join(
+            f"{who} " + ", ".join(f"{option} {count}" for option, count in counts.items())
+            for who, counts in t["label_counts"].items()
+        )
+        for name, t in result["tasks"].items()
+        if "label_counts" in t
     ]
     if picks:
         lines += ["", "Options picked (gold = how often each is the answer):", "", *picks]
     reused = [name for name, t in result["tasks"].items() if "base" in t.get("cached", [])]
     if reused:
-        lines += ["", f"Base scores of {', '.join(reused)} were reused from an earlier evaluation of the same base on the same prompts (`finetune eval --no-cache` scores them again)."]
+        lines += [
+            "",
+            f"Base scores of {', '.join(reused)} were reused from an earlier evaluation of the same base on the same "
+            "prompts (`finetune eval --no-cache` scores them again).",
+        ]
     found = regressions(result)
     if found:
         lines += ["", f"**Warning: the adapter regresses on {', '.join(found)}.**"]

@@ -27,7 +27,9 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 @torch.inference_mode()
-def option_logprobs(model, tokenizer, prompts: list[list[int]], options: list[list[str]], batch_size: int = 8) -> list[list[tuple[float, int]]]:
+def option_logprobs(
+    model, tokenizer, prompts: list[list[int]], options: list[list[str]], batch_size: int = 8
+) -> list[list[tuple[float, int]]]:
     """(summed log-prob, token count) of every option as the continuation of its prompt's token ids.
 
     Options are tokenized on their own and appended to the prompt ids, so an option's tokens are the
@@ -62,7 +64,13 @@ def option_logprobs(model, tokenizer, prompts: list[list[int]], options: list[li
             mask[row, : len(prompts[i])] = 1
         cache = DynamicCache(config=model.config)
         first = int(lengths.min()) - 1  # earliest logit position any prompt's last token sits at
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True, logits_to_keep=width - first).logits
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=width - first,
+        ).logits
         last = torch.log_softmax(logits[torch.arange(len(batch)), lengths - 1 - first].float(), dim=-1).cpu()
         for j in range(max(len(option_ids[i]) for i in batch)):
             rows = [(row, option_ids[i][j]) for row, i in enumerate(batch) if j < len(option_ids[i])]
@@ -76,8 +84,11 @@ def option_logprobs(model, tokenizer, prompts: list[list[int]], options: list[li
                     tail_mask[row, : len(o) - 1] = 1
                 positions = lengths[:, None] + torch.arange(span)[None, :]
                 out = model(
-                    input_ids=tail.to(device), attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                    input_ids=tail.to(device),
+                    attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
+                    position_ids=positions.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
                 )
                 following = torch.log_softmax(out.logits.float(), dim=-1).cpu()
                 cache.crop(-span)
@@ -95,7 +106,9 @@ def choose(scores: list[tuple[float, int]], normalise: bool = True) -> int:
     return max(range(len(values)), key=lambda k: values[k])
 
 
-def score_mcq(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> tuple[dict[str, list[float]], list[str]]:
+def score_mcq(
+    model, tokenizer, items: list[dict], task: Task, batch_size: int
+) -> tuple[dict[str, list[float]], list[str]]:
     """Per-example accuracy (normalised and summed) and the option each example picks by the task's metric."""
     prompts = [encode_prompt(tokenizer, it["messages"]) for it in items]
     scores = option_logprobs(model, tokenizer, prompts, [it["options"] for it in items], batch_size)
@@ -112,7 +125,9 @@ def score_mcq(model, tokenizer, items: list[dict], task: Task, batch_size: int) 
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def generate_batch(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
     """Greedy answers, batched with left padding so every prompt ends where generation starts.
 
     Prompts are batched longest first, so a batch holds similar lengths and little of the prefill
@@ -126,10 +141,18 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            inputs = tokenizer([texts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+            inputs = tokenizer(
+                [texts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(model.device)
             output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
             )
             new = output[:, inputs["input_ids"].shape[1] :]
             for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
@@ -139,7 +162,9 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     return answers
 
 
-def score_qa(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> tuple[dict[str, list[float]], list[str]]:
+def score_qa(
+    model, tokenizer, items: list[dict], task: Task, batch_size: int
+) -> tuple[dict[str, list[float]], list[str]]:
     predictions = generate_batch(model, tokenizer, [it["messages"] for it in items], task.max_new_tokens, batch_size)
     per_example = {"numeric_match": [], "exact_match": [], "f1": []}
     for it, prediction in zip(items, predictions):

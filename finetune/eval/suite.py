@@ -19,10 +19,16 @@ QA_METRICS = ("numeric_match", "exact_match", "f1")
 
 
 class ShotsSource(Section):
-    path: str = Field(..., description="File the demonstrations are read from (relative to the current folder, else the project).")
-    reader: str = Field(..., description="Reader of that file (see `finetune data readers`); must yield the task's row kind.")
+    path: str = Field(
+        ..., description="File the demonstrations are read from (relative to the current folder, else the project)."
+    )
+    reader: str = Field(
+        ..., description="Reader of that file (see `finetune data readers`); must yield the task's row kind."
+    )
     split: str = Field("train", description="Split of that file (reader-defined, as in a recipe's data source).")
-    columns: dict[str, str] = Field(default_factory=dict, description="Rename source fields: {reader_field: source_field}.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source fields: {reader_field: source_field}."
+    )
 
     @field_validator("reader")
     @classmethod
@@ -37,9 +43,15 @@ class Task(Section):
         description="Local file (relative to the current folder, else the project folder); a glob pattern "
         "(tasks/contract_nli_*/train.tsv) scores the rows of every matching file as one task.",
     )
-    split: str = Field("train", description="Which split to read (reader-defined; pubmedqa: test = the official test PMIDs).")
-    columns: dict[str, str] = Field(default_factory=dict, description="Rename source fields: {reader_field: source_field}.")
-    n: int | None = Field(None, gt=0, description="Score at most this many rows (a seeded sample); all rows when absent.")
+    split: str = Field(
+        "train", description="Which split to read (reader-defined; pubmedqa: test = the official test PMIDs)."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source fields: {reader_field: source_field}."
+    )
+    n: int | None = Field(
+        None, gt=0, description="Score at most this many rows (a seeded sample); all rows when absent."
+    )
     metric: Literal["accuracy", "accuracy_sum", "numeric_match", "exact_match", "f1"] | None = Field(
         None,
         description="Headline metric. mcq rows: accuracy (option log-likelihood per token) or accuracy_sum (summed); "
@@ -48,8 +60,10 @@ class Task(Section):
     shots: int = Field(0, ge=0, description="Demonstrations put before each question as earlier user/assistant turns.")
     shots_from: ShotsSource | Literal["same"] | None = Field(
         None,
-        description="Where the demonstrations come from (needed when shots > 0); rows equal to a scored row are never used. "
-        "`same`: each example's own file, leaving the example out, for files too small to hold out a pool (LegalBench's).",
+        description="Where the demonstrations come from (needed when shots > 0); rows equal to a scored row are never "
+        "used. "
+        "`same`: each example's own file, leaving the example out, for files too small to hold out a pool "
+        "(LegalBench's).",
     )
     max_new_tokens: int = Field(32, gt=0, description="qa rows: longest generated answer.")
     tolerance: float = Field(1e-3, ge=0, description="qa rows: relative tolerance of numeric_match.")
@@ -63,16 +77,23 @@ class Task(Section):
     def _consistent(self) -> Task:
         kind = READERS[self.reader].kind
         if kind not in ("mcq", "qa"):
-            raise ValueError(f"reader {self.reader!r} yields {kind} rows; a task needs mcq or qa rows (multiple choice, classification or QA)")
+            raise ValueError(
+                f"reader {self.reader!r} yields {kind} rows; a task needs mcq or qa rows (multiple choice, "
+                "classification or QA)"
+            )
         allowed = MCQ_METRICS if kind == "mcq" else QA_METRICS
         if self.metric is None:
             self.metric = allowed[0]
         elif self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} does not apply to {kind} rows; use one of {', '.join(allowed)}")
         if self.shots and self.shots_from is None:
-            raise ValueError("shots > 0 needs shots_from: {path, reader, split} naming where the demonstrations come from")
+            raise ValueError(
+                "shots > 0 needs shots_from: {path, reader, split} naming where the demonstrations come from"
+            )
         if isinstance(self.shots_from, ShotsSource) and READERS[self.shots_from.reader].kind != kind:
-            raise ValueError(f"shots_from.reader {self.shots_from.reader!r} does not yield {kind} rows like the task's reader")
+            raise ValueError(
+                f"shots_from.reader {self.shots_from.reader!r} does not yield {kind} rows like the task's reader"
+            )
         return self
 
     @property
@@ -83,12 +104,15 @@ class Task(Section):
 class Suite(Section):
     name: str = Field(..., description="Suite name (defaults to the file name).")
     description: str = Field("", description="One line about what the suite measures.")
-    system_prompt: str | None = Field(None, description="System message for every prompt; default: the recipe's data.system_prompt, as in training.")
+    system_prompt: str | None = Field(
+        None, description="System message for every prompt; default: the recipe's data.system_prompt, as in training."
+    )
     seed: int = Field(0, description="Seed of the row sample (n), the demonstrations and the bootstrap.")
-    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% confidence interval of the delta.")
+    bootstrap: int = Field(
+        1000, ge=100, description="Bootstrap resamples for the 95% confidence interval of the delta."
+    )
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass (option scoring) or per generate call.")
     tasks: dict[str, Task] = Field(..., min_length=1, description="Task name -> task.")
-
 
 
 KIND = config.Kind(noun="eval suite", folder="evals", schema=Suite, needs="a 'tasks' section")
@@ -113,4 +137,7 @@ def suite_for(recipe: Recipe) -> str:
     if len(words) == 1:
         log.info("recipe %s: using eval suite %s", recipe.name, words[0])
         return words[0]
-    raise FinetuneError(f"recipe {recipe.name}: no eval suite evals/{recipe.name}.yaml; pass --suite NAME (known: {', '.join(names) or 'none'})")
+    raise FinetuneError(
+        f"recipe {recipe.name}: no eval suite evals/{recipe.name}.yaml; pass --suite NAME (known: "
+        f"{', '.join(names) or 'none'})"
+    )

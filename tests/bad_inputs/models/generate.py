@@ -17,20 +17,51 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 HERE = Path(__file__).resolve().parent
-WORDS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "yes", "no", "maybe", "the", "a", "is", "?", ".", "hello"]
+WORDS = [
+    "<unk>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "user",
+    "assistant",
+    "system",
+    "yes",
+    "no",
+    "maybe",
+    "the",
+    "a",
+    "is",
+    "?",
+    ".",
+    "hello",
+]
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
 
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=3,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -71,8 +102,14 @@ def main() -> None:
     model = tiny_llama()
     model.save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="acme_llm", architectures=["AcmeForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_acme.AcmeConfig", "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"})
+    config.update(
+        model_type="acme_llm",
+        architectures=["AcmeForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_acme.AcmeConfig",
+            "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # Named .gguf, but text: no GGUF magic bytes.
