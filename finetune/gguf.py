@@ -389,3 +389,17 @@ def check(gguf_path: Path, merged_dir: Path, outtype: str) -> dict:
             f"{figures['max_abs_logit_diff']:.3g}; nothing was written; report this"
         )
     return figures
+
+
+def describe(path: Path) -> str:
+    """What `finetune export` prints: the files written, the read-back figures, and the Ollama command."""
+    figures = runs.read_json(path.parent / "export.json")["files"][path.name]
+    modelfile = path.parent / figures["modelfile"]
+    lines = [f"wrote {path} and {modelfile}"]
+    if "max_abs_logit_diff" in figures:
+        lines.append(
+            f"  read back: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g}, greedy text agreement "
+            f"{figures['greedy_text_agreement']:.2f}, tokenization agreement {figures['tokenization_agreement']:.2f}"
+        )
+    lines.append(f"  ollama create NAME -f {modelfile}")
+    return "\n".join(lines)

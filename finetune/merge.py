@@ -41,9 +41,9 @@ def _load_adapter(base, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as e:
-        first = first_line(e)
         raise FinetuneError(
-            f"{adapter_dir}: the adapter does not fit the base model ({first}); merge with the recipe.yaml the run "
+            f"{adapter_dir}: the adapter does not fit the base model ({first_line(e)}); merge with the recipe.yaml "
+            "the run "
             "was trained with"
         ) from None
 
@@ -229,3 +229,18 @@ def _save_merged(merged, tokenizer, output: Path, report: dict, start: float) ->
         report["seconds"] = round(time.perf_counter() - start, 1)
         runs.write_json(tmp / "merge.json", report)
     log.info("merged model written to %s (%.1f s)", output, report["seconds"])
+
+
+def describe(report: dict) -> str:
+    """The merge's figures in a few lines, as `finetune merge` prints them."""
+    lines = [
+        f"merged into {report['output']} (target: {report['target']}): max |Δlogit| vs base+adapter "
+        f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.3f}"
+    ]
+    for name, figures in (report.get("targets") or {}).items():
+        trained = figures["vs_trained"]
+        lines.append(
+            f"  {name:<12} vs the trained nf4 model: max |Δlogit| {trained['max_abs_logit_diff']:.3g}, "
+            f"top-1 agreement {trained['top1_agreement']:.3f}"
+        )
+    return "\n".join(lines)

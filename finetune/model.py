@@ -91,9 +91,8 @@ def convert_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as e:
-        first = first_line(e)
         raise FinetuneError(
-            f"model.base: {path}: cannot load this GGUF file ({first}); only Llama-architecture GGUF files are "
+            f"model.base: {path}: cannot load this GGUF file ({first_line(e)}); only Llama-architecture GGUF files are "
             "supported"
         ) from None
     # transformers refuses to serialise a model it loaded from GGUF; the weights are plain fp32 now.
@@ -207,9 +206,9 @@ def quantization_config(section: ModelSection):
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # an install without a usable backend fails in its own ways, not only ImportError
-        first = first_line(e)
         raise FinetuneError(
-            f"model.quantization: {section.quantization} needs bitsandbytes, which cannot be loaded here ({first}); "
+            f"model.quantization: {section.quantization} needs bitsandbytes, which cannot be loaded here "
+            f"({first_line(e)}); "
             "pip install bitsandbytes, or set model.quantization=none"
         ) from None
     if section.quantization == "int8":

@@ -66,26 +66,38 @@ class AdapterSection(Section):
     )
 
 
-class SourceSection(Section):
+class ReaderInput(Section):
+    """A file read through a reader: what a data source, an eval task and its demonstrations have in common."""
+
     path: str | None = Field(
         None,
         description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet); a relative path is looked up in the "
         "current folder, then in the project folder.",
     )
-    hub: str | None = Field(
-        None, description="Hugging Face data set id, read with datasets.load_dataset (needs network)."
+    reader: str = Field(
+        "messages", description="How to turn the source's records into rows: see `finetune data readers`."
     )
-    config: str | None = Field(None, description="Hub data set configuration name.")
     split: str = Field(
         "train",
         description="Which split to read. Domain readers define their own (e.g. pubmedqa: train = the non-test PMIDs).",
     )
-    reader: str = Field(
-        "messages", description="How to turn the source's records into rows: see `finetune data readers`."
-    )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename source fields to the reader's names: {reader_field: source_field}."
     )
+
+    @field_validator("reader")
+    @classmethod
+    def _known_reader(cls, name: str) -> str:
+        from finetune.data.readers import check_reader
+
+        return check_reader(name)
+
+
+class SourceSection(ReaderInput):
+    hub: str | None = Field(
+        None, description="Hugging Face data set id, read with datasets.load_dataset (needs network)."
+    )
+    config: str | None = Field(None, description="Hub data set configuration name.")
     limit: int | None = Field(
         None, gt=0, description="Take at most this many rows from the source (after its own shuffle by seed)."
     )
@@ -95,13 +107,6 @@ class SourceSection(Section):
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of 'path' or 'hub'")
         return self
-
-    @field_validator("reader")
-    @classmethod
-    def _known_reader(cls, name: str) -> str:
-        from finetune.data.readers import check_reader
-
-        return check_reader(name)
 
 
 class DataSection(Section):
@@ -289,6 +294,7 @@ def validate(data: dict, origin: str) -> Recipe:
 
 
 def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what a run folder's recipe.yaml holds)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 

@@ -129,11 +129,13 @@ def staged(target: Path, folder: bool = False) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write indented JSON atomically."""
     with staged(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
     with staged(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

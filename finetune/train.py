@@ -144,6 +144,18 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
     )
 
 
+def trainer_inputs(model, tokenizer, data, peft_config, callbacks) -> dict:
+    """What every TRL trainer is given besides its config."""
+    return dict(
+        model=model,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
 def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
     from trl import SFTConfig
 
@@ -157,26 +169,12 @@ def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
     )
+    trainer_class, collator = EpochSeededSFTTrainer, None
     if model_lib.device() == "cpu":
         # TRL's fused LM head scores every position where Triton does not run: project only the trained ones.
-        return TrainedPositionsSFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-            data_collator=LeftPaddingCollator(tokenizer.pad_token_id),
-        )
-    return EpochSeededSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
+        trainer_class, collator = TrainedPositionsSFTTrainer, LeftPaddingCollator(tokenizer.pad_token_id)
+    return trainer_class(
+        args=args, data_collator=collator, **trainer_inputs(model, tokenizer, data, peft_config, callbacks)
     )
 
 
@@ -192,15 +190,7 @@ def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
         label_smoothing=recipe.dpo.label_smoothing,
         precompute_ref_log_probs=recipe.dpo.precompute_ref_log_probs,
     )
-    return DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    return DPOTrainer(args=args, **trainer_inputs(model, tokenizer, data, peft_config, callbacks))
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> Path:

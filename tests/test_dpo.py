@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from finetune import train
 from finetune.data.build import build_preferences
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, validate
 
 PAIRS = [
     {"prompt": f"Is {n} even?", "chosen": "yes" if n % 2 == 0 else "no", "rejected": "no" if n % 2 == 0 else "yes"}
@@ -144,5 +144,9 @@ def test_a_malformed_preference_row_is_one_clear_line(tmp_path, tokenizer):
 
 
 def test_dpo_settings_without_dpo_are_an_error():
-    with pytest.raises(Exception, match="the dpo section is only used with train.method: dpo"):
-        Recipe.model_validate({"name": "m", "data": {"sources": [{"path": "x.jsonl"}]}, "dpo": {"beta": 0.2}})
+    with pytest.raises(FinetuneError) as error:
+        validate({"name": "m", "data": {"sources": [{"path": "x.jsonl"}]}, "dpo": {"beta": 0.2}}, "m.yaml")
+    assert (
+        str(error.value)
+        == "m.yaml: recipe: the dpo section is only used with train.method: dpo; remove it or set the method"
+    )

@@ -15,6 +15,7 @@ import yaml
 from run_dirs import make_run
 
 from finetune import hub, merge
+from finetune.card import model_card
 from finetune.errors import FinetuneError
 
 TOKEN = "hf_standinSECRETtoken0123456789abcdef"
@@ -39,7 +40,7 @@ def run_dir(tmp_path_factory, tiny_llama_dir):
 
 
 def test_card_front_matter_eval_table_and_licenses(run_dir, tmp_path):
-    card = hub.model_card(run_dir, merged=True, repo_id="me/tiny")
+    card = model_card(run_dir, merged=True, repo_id="me/tiny")
     meta = front_matter(card)
     assert meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "text-generation"
@@ -51,7 +52,7 @@ def test_card_front_matter_eval_table_and_licenses(run_dir, tmp_path):
     assert "- transformers 5.23.0" in card  # from run.json's versions
     assert "merged into the weights" in card
 
-    adapter_card = hub.model_card(run_dir, merged=False)
+    adapter_card = model_card(run_dir, merged=False)
     assert front_matter(adapter_card)["library_name"] == "peft"
     assert "AutoPeftModelForCausalLM" in adapter_card
 
@@ -72,7 +73,7 @@ def test_card_for_a_medical_recipe_on_the_embedded_base(tmp_path):
     ]
     (run / "recipe.yaml").write_text(to_yaml(validate(data, "test")))
     (run / "run.json").write_text("{}")
-    card = hub.model_card(run, merged=False)
+    card = model_card(run, merged=False)
     meta = front_matter(card)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["license"] == "apache-2.0"

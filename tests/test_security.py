@@ -17,6 +17,7 @@ import torch
 
 from finetune import cli, hub
 from finetune import model as model_lib
+from finetune.card import model_card
 from finetune.errors import FinetuneError
 from finetune.merge import merge
 from finetune.recipe import ModelSection, load
@@ -155,7 +156,7 @@ def token_run(tmp_path_factory, tiny_llama_dir):
             with redirect_stdout(out), redirect_stderr(err):
                 assert cli.main(["run", str(folder / "recipe.yaml")]) == 0
                 merge(folder / "run")
-                card = hub.model_card(folder / "run", merged=True, repo_id="someone/tiny-secure")
+                card = model_card(folder / "run", merged=True, repo_id="someone/tiny-secure")
                 pushed = hub.push(folder / "run", "someone/tiny-secure", "adapter", dry_run=True)
         finally:
             for logger, level in zip(loggers, levels):

@@ -182,6 +182,7 @@ def _tokenize_all(tokenizer, rows: list[dict], max_length: int) -> tuple[list[di
 
 
 def build(recipe: Recipe, tokenizer) -> Built:
+    """SFT rows tokenized with assistant-only labels, split into train / eval, with statistics; cached by content."""
     from datasets import Dataset, load_from_disk
 
     rows, stats = chat_rows(recipe.data, recipe.train.seed)

@@ -197,8 +197,7 @@ def hub_records(name: str, config: str | None, split: str) -> Iterator[tuple[str
                 "and the data set is not cached; download it where there is network, or point data.sources[].path at "
                 "a local copy"
             ) from None
-        first = first_line(e)
-        raise FinetuneError(f"data.sources[].hub: {name} (config {config}, split {split}): {first}") from None
+        raise FinetuneError(f"data.sources[].hub: {name} (config {config}, split {split}): {first_line(e)}") from None
     for index, record in enumerate(dataset):
         yield f"{name}[{split}]: row {index}", record
 

@@ -8,6 +8,8 @@ from finetune.data import files, readers
 from finetune.data.formats import bad_row, qa_answer, qa_prompt
 from finetune.errors import FinetuneError
 
+CONVFINQA_LICENSE = "MIT (ConvFinQA upstream; the restructured copy has no license file)"
+
 TATQA_SCALES = ("", "thousand", "million", "billion", "percent")
 PHRASEBANK_LABELS = ("positive", "negative", "neutral")
 PHRASEBANK_QUESTION = "What is the sentiment of this financial news sentence from an investor's point of view?"
@@ -77,7 +79,10 @@ def _tatqa_context(context: dict, where: str) -> str:
     return "\n\n".join([markdown_table(table), *texts])
 
 
+@readers.reader("tatqa", "qa", records=tatqa_records, card="finance/tatqa.md", license="CC BY 4.0")
 def tatqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its scale; the
+    table is rendered as Markdown, span lists joined with ', '."""
     question = record["question"]
     if not isinstance(question, dict):
         raise bad_row(where, "questions[]", "an object with question, answer, scale", question)
@@ -106,10 +111,16 @@ def tatqa_conversation_records(source: readers.RawSource) -> Iterator[tuple[str,
     yield from _tatqa_contexts(source, "tatqa_conversation")
 
 
+@readers.reader(
+    "tatqa_conversation", "qa", records=tatqa_conversation_records, card="finance/tatqa.md", license="CC BY 4.0"
+)
 def tatqa_conversation_convert(record: dict, where: str, source: readers.RawSource) -> dict:
-    """A context's questions, in TAT-QA's order, as one conversation: the first user turn is exactly the
-    `tatqa` reader's prompt for the first question (table, paragraphs, question); every later question
-    is a follow-up turn. Every answer is trained, and the report's text is read once, not once per question."""
+    """TAT-QA for training: each report's questions as one conversation (the table and paragraphs in the first user
+    turn, as `tatqa` renders them; the other questions as follow-ups), so every answer is trained for one pass
+    over the report.
+
+    Questions keep TAT-QA's order; the first user turn is exactly the `tatqa` reader's prompt for the first
+    question, and the report's text is read once, not once per question."""
     questions = record.get("questions") if isinstance(record, dict) else None
     if not isinstance(questions, list) or not questions:
         raise bad_row(where, "questions", "a non-empty list of questions", questions)
@@ -173,7 +184,10 @@ def _convfinqa_table(table, where: str) -> str:
     return markdown_table(rows)
 
 
+@readers.reader("convfinqa", "qa", records=convfinqa_records, card="finance/convfinqa.md", license=CONVFINQA_LICENSE)
 def convfinqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """ConvFinQA (restructured dev JSON): each conversation -> the earlier turns as history (the document in the first
+    user turn) and the last question as the one to answer."""
     if (
         not isinstance(record, dict)
         or not isinstance(record.get("doc"), dict)
@@ -218,7 +232,16 @@ def phrasebank_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{number}", {"line": line}
 
 
+@readers.reader(
+    "phrasebank",
+    "mcq",
+    records=phrasebank_records,
+    card="finance/phrasebank.md",
+    license="CC BY-NC-SA 3.0 (non-commercial)",
+    commercial_use=False,
+)
 def phrasebank_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """Financial PhraseBank (Sentences_*.txt, 'sentence@label' lines, Latin-1) -> positive / negative / neutral."""
     sentence, at, label = record["line"].rpartition("@")
     label = label.strip()
     if not at or label not in PHRASEBANK_LABELS:
@@ -234,58 +257,3 @@ def phrasebank_convert(record: dict, where: str, source: readers.RawSource) -> d
         "explanation": None,
         "instruction": None,
     }
-
-
-readers.register(
-    readers.Reader(
-        name="tatqa",
-        kind="qa",
-        records=tatqa_records,
-        convert=tatqa_convert,
-        description="TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its "
-        "scale; "
-        "the table is rendered as Markdown, span lists joined with ', '.",
-        card="finance/tatqa.md",
-        license="CC BY 4.0",
-    )
-)
-readers.register(
-    readers.Reader(
-        name="tatqa_conversation",
-        kind="qa",
-        records=tatqa_conversation_records,
-        convert=tatqa_conversation_convert,
-        description="TAT-QA for training: each report's questions as one conversation (the table and paragraphs in "
-        "the first user "
-        "turn, as `tatqa` renders them; the other questions as follow-ups), so every answer is trained for one pass "
-        "over the report.",
-        card="finance/tatqa.md",
-        license="CC BY 4.0",
-    )
-)
-readers.register(
-    readers.Reader(
-        name="convfinqa",
-        kind="qa",
-        records=convfinqa_records,
-        convert=convfinqa_convert,
-        description="ConvFinQA (restructured dev JSON): each conversation -> the earlier turns as history (the "
-        "document in the first "
-        "user turn) and the last question as the one to answer.",
-        card="finance/convfinqa.md",
-        license="MIT (ConvFinQA upstream; the restructured copy has no license file)",
-    )
-)
-readers.register(
-    readers.Reader(
-        name="phrasebank",
-        kind="mcq",
-        records=phrasebank_records,
-        convert=phrasebank_convert,
-        description="Financial PhraseBank (Sentences_*.txt, 'sentence@label' lines, Latin-1) -> positive / negative / "
-        "neutral.",
-        card="finance/phrasebank.md",
-        license="CC BY-NC-SA 3.0 (non-commercial)",
-        commercial_use=False,
-    )
-)

@@ -128,6 +128,7 @@ def mcq_prompt(row: dict) -> str:
 
 
 def mcq_answer(row: dict, with_explanation: bool = True) -> str:
+    """The assistant turn of an mcq row: its label, then the explanation when there is one and it is wanted."""
     answer = row["answer"]
     if with_explanation and row.get("explanation"):
         return f"{answer}\n\n{row['explanation'].strip()}"
@@ -135,6 +136,7 @@ def mcq_answer(row: dict, with_explanation: bool = True) -> str:
 
 
 def qa_prompt(row: dict) -> str:
+    """The user message for a qa row: context (when the row has one), then the question."""
     parts = []
     if row.get("context"):
         parts.append(f"Context:\n{row['context'].strip()}")
@@ -143,6 +145,7 @@ def qa_prompt(row: dict) -> str:
 
 
 def qa_answer(row: dict) -> str:
+    """The assistant turn of a qa row: the answer with its scale ('12 million', '3.5%')."""
     scale = row.get("scale")
     if not scale:
         return row["answer"]

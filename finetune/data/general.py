@@ -34,7 +34,9 @@ def _record(record, where: str, fields: str) -> dict:
     return record
 
 
+@readers.reader("sharegpt", "sft", card="formats.md")
 def sharegpt_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """ShareGPT conversations: {conversations: [{from: human|gpt|system, value}]}."""
     turns = _record(record, where, "conversations").get("conversations")
     if not isinstance(turns, list) or not turns:
         raise bad_row(where, "conversations", "a non-empty list of {from, value} turns", turns)
@@ -50,7 +52,9 @@ def sharegpt_convert(record: dict, where: str, source: readers.RawSource) -> dic
     return {"messages": messages}
 
 
+@readers.reader("alpaca", "sft", card="formats.md")
 def alpaca_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """Alpaca instructions: {instruction, input (optional), output}; also medical instruction sets in this layout."""
     record = _record(record, where, "instruction, input, output")
     instruction = _string(record, "instruction", where)
     extra = _string(record, "input", where, optional=True)
@@ -63,7 +67,9 @@ def alpaca_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     }
 
 
+@readers.reader("prompt_completion", "sft", card="formats.md")
 def prompt_completion_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """{prompt, completion} strings -> one user turn and one assistant turn."""
     record = _record(record, where, "prompt, completion")
     prompt = _string(record, "prompt", where)
     return {
@@ -86,7 +92,9 @@ def _mmlu_subject(source: readers.RawSource) -> str | None:
     return re.sub(r"_(test|dev|val)$", "", stem).replace("_", " ") or None
 
 
+@readers.reader("mmlu_csv", "mcq", records=mmlu_records, card="formats.md", license="MIT")
 def mmlu_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """MMLU per-subject CSV without header: question, A, B, C, D, answer letter; the subject is the file's name."""
     record = _record(record, where, "6 columns: question, A, B, C, D, answer")
     if len(record) != 6:
         raise bad_row(where, "(columns)", "6 columns: question, A, B, C, D, answer letter", list(record.values()))
@@ -105,7 +113,10 @@ def mmlu_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     }
 
 
+@readers.reader("mcq_jsonl", "mcq", card="formats.md")
 def mcq_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """Multiple choice: {question, options ({label: text} or a list), answer (label or index), context?,
+    explanation?}."""
     record = _record(record, where, "question, options, answer")
     options = record.get("options")
     if isinstance(options, list) and 2 <= len(options) <= len(string.ascii_uppercase):
@@ -131,7 +142,9 @@ def mcq_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     }
 
 
+@readers.reader("preference", "preference", card="formats.md")
 def preference_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """DPO pairs as plain strings: {prompt, chosen, rejected}."""
     record = _record(record, where, "prompt, chosen, rejected")
     prompt = _string(record, "prompt", where)
     return {
@@ -141,7 +154,10 @@ def preference_convert(record: dict, where: str, source: readers.RawSource) -> d
     }
 
 
+@readers.reader("preference_messages", "preference", card="formats.md")
 def preference_messages_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """DPO pairs as message lists: {prompt, chosen, rejected}, or chosen/rejected whole conversations (implicit
+    prompt)."""
     record = _record(record, where, "prompt, chosen, rejected")
     prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
     # TRL's "implicit prompt" layout: no prompt field, chosen and rejected are whole conversations
@@ -172,7 +188,10 @@ def _hh_turns(transcript, where: str, field: str) -> list[dict]:
     ]
 
 
+@readers.reader("hh_rlhf", "preference", card="preference/hh-rlhf.md", license="MIT")
 def hh_rlhf_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """Anthropic HH-RLHF transcripts {chosen, rejected} split at the last Assistant turn into prompt / chosen /
+    rejected."""
     record = _record(record, where, "chosen, rejected")
     chosen = _hh_turns(record.get("chosen"), where, "chosen")
     rejected = _hh_turns(record.get("rejected"), where, "rejected")
@@ -189,79 +208,3 @@ def hh_rlhf_convert(record: dict, where: str, source: readers.RawSource) -> dict
             rejected[-2]["content"] if len(rejected) > 1 else "",
         )
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
-
-
-for _reader in (
-    readers.Reader(
-        name="sharegpt",
-        kind="sft",
-        records=readers.default_records,
-        convert=sharegpt_convert,
-        description="ShareGPT conversations: {conversations: [{from: human|gpt|system, value}]}.",
-        card="formats.md",
-    ),
-    readers.Reader(
-        name="alpaca",
-        kind="sft",
-        records=readers.default_records,
-        convert=alpaca_convert,
-        description="Alpaca instructions: {instruction, input (optional), output}; also medical instruction sets in "
-        "this layout.",
-        card="formats.md",
-    ),
-    readers.Reader(
-        name="prompt_completion",
-        kind="sft",
-        records=readers.default_records,
-        convert=prompt_completion_convert,
-        description="{prompt, completion} strings -> one user turn and one assistant turn.",
-        card="formats.md",
-    ),
-    readers.Reader(
-        name="mmlu_csv",
-        kind="mcq",
-        records=mmlu_records,
-        convert=mmlu_convert,
-        description="MMLU per-subject CSV without header: question, A, B, C, D, answer letter; the subject comes from "
-        "the file name.",
-        card="formats.md",
-        license="MIT",
-    ),
-    readers.Reader(
-        name="mcq_jsonl",
-        kind="mcq",
-        records=readers.default_records,
-        convert=mcq_convert,
-        description="Multiple choice: {question, options ({label: text} or a list), answer (label or index), "
-        "context?, explanation?}.",
-        card="formats.md",
-    ),
-    readers.Reader(
-        name="preference",
-        kind="preference",
-        records=readers.default_records,
-        convert=preference_convert,
-        description="DPO pairs as plain strings: {prompt, chosen, rejected}.",
-        card="formats.md",
-    ),
-    readers.Reader(
-        name="preference_messages",
-        kind="preference",
-        records=readers.default_records,
-        convert=preference_messages_convert,
-        description="DPO pairs as message lists: {prompt, chosen, rejected}, or chosen/rejected whole conversations "
-        "(implicit prompt).",
-        card="formats.md",
-    ),
-    readers.Reader(
-        name="hh_rlhf",
-        kind="preference",
-        records=readers.default_records,
-        convert=hh_rlhf_convert,
-        description="Anthropic HH-RLHF transcripts {chosen, rejected} split at the last Assistant turn into prompt / "
-        "chosen / rejected.",
-        card="preference/hh-rlhf.md",
-        license="MIT",
-    ),
-):
-    readers.register(_reader)

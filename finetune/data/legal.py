@@ -10,6 +10,8 @@ from finetune.data import files, readers
 from finetune.data.formats import bad_row
 from finetune.errors import FinetuneError
 
+LEGALBENCH_LICENSE = "CC BY 4.0 / CC BY-SA 4.0 / MIT, per task"
+
 # Contracts run to 40k characters (~10k tokens) while the training rows must fit a small model's
 # max_length, so a legal context keeps at most this many characters. ContractNLI's longest
 # evidence is ~2.5k characters, so the evidence always fits and its neighbours fill the rest.
@@ -174,7 +176,10 @@ def _excerpt(text: str, spans: list[list[int]], anchors: list[int]) -> str:
     return lead + GAP.join(runs) + tail
 
 
+@readers.reader("contractnli", "mcq", records=contractnli_records, card="legal/contractnli.md", license="CC BY 4.0")
 def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / NotMentioned,
+    context = the evidence spans and their neighbours up to 3,000 characters, evidence as rationale."""
     document, hypothesis_id = record["document"], record["hypothesis_id"]
     if not isinstance(document, dict):
         raise bad_row(where, "documents[]", "an object with text, spans, annotation_sets", document)
@@ -262,7 +267,10 @@ def cuad_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
                 yield f"{where} ({category} asked as {asked})", {**record, "asked": asked, "answer": "No"}
 
 
+@readers.reader("cuad", "mcq", records=cuad_records, card="legal/cuad.md", license="CC BY 4.0")
 def cuad_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """CUAD v1 master_clauses.csv: each extracted clause -> Yes for its own clause type and No for a type the contract
+    lacks (33 Yes/No categories)."""
     try:
         excerpts = ast.literal_eval(record["clause"])
     except (ValueError, SyntaxError):
@@ -333,7 +341,10 @@ def legalbench_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
         yield where, {"row": record, "labels": labels, "instruction": instruction, "task": task}
 
 
+@readers.reader("legalbench", "mcq", records=legalbench_records, card="legal/legalbench.md", license=LEGALBENCH_LICENSE)
 def legalbench_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """One LegalBench classification task (tasks/<task>/train.tsv or test.tsv, or nguha/legalbench with config=<task>):
+    the card's instruction + the input columns -> one of the answer labels seen in the file."""
     row = record["row"]
     answer = str(row.get("answer", "")).strip()
     if answer not in record["labels"]:
@@ -358,44 +369,3 @@ def legalbench_convert(record: dict, where: str, source: readers.RawSource) -> d
         "explanation": None,
         "instruction": record["instruction"],
     }
-
-
-readers.register(
-    readers.Reader(
-        name="contractnli",
-        kind="mcq",
-        records=contractnli_records,
-        convert=contractnli_convert,
-        description="ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / "
-        "NotMentioned, "
-        f"context = the evidence spans and their neighbours up to {CONTEXT_CHARS} characters, evidence as rationale.",
-        card="legal/contractnli.md",
-        license="CC BY 4.0",
-    )
-)
-readers.register(
-    readers.Reader(
-        name="cuad",
-        kind="mcq",
-        records=cuad_records,
-        convert=cuad_convert,
-        description="CUAD v1 master_clauses.csv: each extracted clause -> Yes for its own clause type and No for a "
-        "type the contract lacks "
-        "(33 Yes/No categories).",
-        card="legal/cuad.md",
-        license="CC BY 4.0",
-    )
-)
-readers.register(
-    readers.Reader(
-        name="legalbench",
-        kind="mcq",
-        records=legalbench_records,
-        convert=legalbench_convert,
-        description="One LegalBench classification task (tasks/<task>/train.tsv or test.tsv, or nguha/legalbench with "
-        "config=<task>): "
-        "the card's instruction + the input columns -> one of the answer labels seen in the file.",
-        card="legal/legalbench.md",
-        license="CC BY 4.0 / CC BY-SA 4.0 / MIT, per task",
-    )
-)

@@ -43,7 +43,10 @@ def pubmedqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
         yield f"{source.path}: PMID {pmid}", {"pmid": pmid, **record} if isinstance(record, dict) else record
 
 
+@readers.reader("pubmedqa", "mcq", records=pubmedqa_records, card="medical/pubmedqa.md", license="MIT")
 def pubmedqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. Splits: train
+    (non-test PMIDs), test (the 500 official test PMIDs), all."""
     if not isinstance(record, dict):
         raise bad_row(where, "(record)", "an object with QUESTION, CONTEXTS, final_decision", record)
     contexts = record.get("CONTEXTS")
@@ -67,9 +70,12 @@ def pubmedqa_convert(record: dict, where: str, source: readers.RawSource) -> dic
     }
 
 
+@readers.reader("pubmedqa_reasoning_free", "mcq", records=pubmedqa_records, card="medical/pubmedqa.md", license="MIT")
 def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.RawSource) -> dict:
-    """PubMedQA's reasoning-free setting: the question asked of the abstract's conclusion (LONG_ANSWER)
-    instead of its other sections, so the label follows from a sentence that states the finding."""
+    """PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> yes / no / maybe
+    (training rows that teach the mapping; the headline score stays `pubmedqa`'s). Same splits.
+
+    The conclusion (LONG_ANSWER) states the finding, so the label follows from it."""
     row = pubmedqa_convert(record, where, source)
     if row["explanation"] is None:
         raise bad_row(
@@ -78,7 +84,15 @@ def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.Ra
     return {**row, "id": f"pubmedqa-conclusion-{record['pmid']}", "context": row["explanation"], "explanation": None}
 
 
+@readers.reader(
+    "medmcqa",
+    "mcq",
+    card="medical/medmcqa.md",
+    license="MIT (MedAgentsBench packaging); MedMCQA upstream open-licensed",
+)
 def medmcqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, realidx; explanation
+    when present) -> 4-option multiple choice."""
     if not isinstance(record, dict):
         raise bad_row(where, "(record)", "an object with question, options, answer_idx", record)
     options = record.get("options")
@@ -101,45 +115,3 @@ def medmcqa_convert(record: dict, where: str, source: readers.RawSource) -> dict
         "explanation": explanation if isinstance(explanation, str) and explanation.strip() else None,
         "instruction": None,
     }
-
-
-readers.register(
-    readers.Reader(
-        name="medmcqa",
-        kind="mcq",
-        records=readers.default_records,
-        convert=medmcqa_convert,
-        description="MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, "
-        "realidx; "
-        "explanation when present) -> 4-option multiple choice.",
-        card="medical/medmcqa.md",
-        license="MIT (MedAgentsBench packaging); MedMCQA upstream open-licensed",
-    )
-)
-
-readers.register(
-    readers.Reader(
-        name="pubmedqa",
-        kind="mcq",
-        records=pubmedqa_records,
-        convert=pubmedqa_convert,
-        description="PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. "
-        "Splits: train (non-test PMIDs), test (the 500 official test PMIDs), all.",
-        card="medical/pubmedqa.md",
-        license="MIT",
-    )
-)
-
-readers.register(
-    readers.Reader(
-        name="pubmedqa_reasoning_free",
-        kind="mcq",
-        records=pubmedqa_records,
-        convert=pubmedqa_reasoning_free_convert,
-        description="PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> "
-        "yes / no / maybe "
-        "(training rows that teach the mapping; the headline score stays `pubmedqa`'s). Same splits.",
-        card="medical/pubmedqa.md",
-        license="MIT",
-    )
-)

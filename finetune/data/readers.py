@@ -9,6 +9,7 @@ the tokenized-cache key.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,16 +55,19 @@ def default_records(source: RawSource) -> Iterator[tuple[str, dict]]:
     yield from source.records()
 
 
-def _messages(record: dict, where: str, source: RawSource) -> dict:
-    return {"messages": record.get("messages")}
-
-
 READERS: dict[str, Reader] = {}
 
 
-def register(reader: Reader) -> Reader:
-    READERS[reader.name] = reader
-    return reader
+def reader(name: str, kind: str, records=default_records, card: str = "", license: str = "", **flags):
+    """Register the decorated convert function as reader `name`; the first paragraph of its docstring is the
+    description `finetune data readers` shows."""
+
+    def register(convert: Callable[[dict, str, RawSource], dict]):
+        description = " ".join(inspect.getdoc(convert).split("\n\n")[0].split())
+        READERS[name] = Reader(name, kind, records, convert, description, card, license, **flags)
+        return convert
+
+    return register
 
 
 def check_reader(name: str) -> str:
@@ -73,16 +77,11 @@ def check_reader(name: str) -> str:
     return name
 
 
-register(
-    Reader(
-        name="messages",
-        kind="sft",
-        records=default_records,
-        convert=_messages,
-        description="Chat rows: {messages: [{role, content}, ...]} in JSONL, JSON, parquet or a Hub data set.",
-        card="formats.md",
-    )
-)
+@reader("messages", "sft", card="formats.md")
+def _messages(record: dict, where: str, source: RawSource) -> dict:
+    """Chat rows: {messages: [{role, content}, ...]} in JSONL, JSON, parquet or a Hub data set."""
+    return {"messages": record.get("messages")}
+
 
 # Domain readers register themselves on import.
 from finetune.data import (  # noqa: E402,F401

@@ -61,6 +61,7 @@ def table(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
+    """eval.md: the table, how the interval was computed, options picked per model, reused base scores, warnings."""
     b = result["bootstrap"]
     lines = [
         f"# Evaluation: suite `{result['suite']}` on `{result['target']}`",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from finetune import config
-from finetune.data.readers import READERS, check_reader
+from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe, Section
+from finetune.recipe import ReaderInput, Recipe, Section
 
 log = logging.getLogger(__name__)
 
@@ -18,37 +18,22 @@ MCQ_METRICS = ("accuracy", "accuracy_sum")
 QA_METRICS = ("numeric_match", "exact_match", "f1")
 
 
-class ShotsSource(Section):
-    path: str = Field(
-        ..., description="File the demonstrations are read from (relative to the current folder, else the project)."
-    )
-    reader: str = Field(
-        ..., description="Reader of that file (see `finetune data readers`); must yield the task's row kind."
-    )
-    split: str = Field("train", description="Split of that file (reader-defined, as in a recipe's data source).")
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename source fields: {reader_field: source_field}."
-    )
+class ShotsSource(ReaderInput):
+    """Where a task's demonstrations come from (path: relative to the current folder, else the project)."""
 
-    @field_validator("reader")
-    @classmethod
-    def _known_reader(cls, name: str) -> str:
-        return check_reader(name)
+    reader: str = Field(..., description="Reader of that file; it must yield the task's row kind.")
+
+    @model_validator(mode="after")
+    def _has_path(self) -> ShotsSource:
+        if self.path is None:
+            raise ValueError("shots_from needs a path: the file the demonstrations are read from")
+        return self
 
 
-class Task(Section):
+class Task(ReaderInput):
+    """A scored task: `path` may be a glob pattern (tasks/contract_nli_*/train.tsv), whose files count as one task."""
+
     reader: str = Field(..., description="Reader of the task's file: see `finetune data readers`.")
-    path: str = Field(
-        ...,
-        description="Local file (relative to the current folder, else the project folder); a glob pattern "
-        "(tasks/contract_nli_*/train.tsv) scores the rows of every matching file as one task.",
-    )
-    split: str = Field(
-        "train", description="Which split to read (reader-defined; pubmedqa: test = the official test PMIDs)."
-    )
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename source fields: {reader_field: source_field}."
-    )
     n: int | None = Field(
         None, gt=0, description="Score at most this many rows (a seeded sample); all rows when absent."
     )
@@ -68,13 +53,10 @@ class Task(Section):
     max_new_tokens: int = Field(32, gt=0, description="qa rows: longest generated answer.")
     tolerance: float = Field(1e-3, ge=0, description="qa rows: relative tolerance of numeric_match.")
 
-    @field_validator("reader")
-    @classmethod
-    def _known_reader(cls, name: str) -> str:
-        return check_reader(name)
-
     @model_validator(mode="after")
     def _consistent(self) -> Task:
+        if self.path is None:
+            raise ValueError("a task needs a path: the file (or glob pattern) its rows are read from")
         kind = READERS[self.reader].kind
         if kind not in ("mcq", "qa"):
             raise ValueError(
