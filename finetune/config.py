@@ -139,9 +139,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # data.sources.0.limit: an item of a list section
+                if not part.isdigit() or int(part) >= len(node):
+                    raise FinetuneError(f"override {item!r}: {part} is not an index of that list (0-{len(node) - 1})")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
                 raise FinetuneError(f"override {item!r}: {part} is not a section")
+        if isinstance(node, list):
+            raise FinetuneError(f"override {item!r}: {parts[-2]} is a list; name an item's key, e.g. {key}.0.limit")
         node[parts[-1]] = value
     return data
 

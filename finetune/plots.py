@@ -99,3 +99,24 @@ def plot_eval(result: dict, target: Path) -> Path:
     fig.savefig(target, format="png")
     plt.close(fig)
     return target
+
+
+def plot_sweep(result: dict, target: Path) -> Path:
+    """sweep.png: each variant's validation score, with the 95% interval of its delta over the base."""
+    plt = _pyplot()
+    rows = result["variants"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.2), dpi=100)
+    low = [r["delta"] - r["ci95"][0] for r in rows]
+    high = [r["ci95"][1] - r["delta"] for r in rows]
+    colors = ["tab:green" if r["variant"] == result["winner"] else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [r["score"] for r in rows], yerr=[low, high], capsize=4, color=colors)
+    ax.axhline(rows[0]["base"], color="tab:gray", lw=1, ls="--", label=f"base ({rows[0]['base']:.3f})")
+    ax.set_xticks(range(len(rows)), [r["variant"].replace(",", "\n") for r in rows], fontsize=7)
+    ax.set_ylabel(f"validation {rows[0]['metric']} ({result['task']})")
+    ax.set_title(f"sweep of {result['recipe']}: the winner in green")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, format="png")
+    plt.close(fig)
+    return target

@@ -236,6 +236,32 @@ class ExportSection(Section):
     )
 
 
+class SweepSection(Section):
+    grid: dict[str, list] = Field(
+        default_factory=dict,
+        description="Recipe key -> the values to try (train.learning_rate: [1e-4, 2e-4]); every combination is one "
+        "variant, trained in its own run folder. `finetune sweep --grid KEY=V1,V2` adds or replaces a key.",
+    )
+    validation: str | None = Field(
+        None, description="Eval suite (name or .yaml path) every variant is scored on; its score picks the winner."
+    )
+    task: str | None = Field(
+        None, description="The validation task whose headline metric picks the winner (default: the suite's first)."
+    )
+    n: int | None = Field(None, gt=0, description="Score at most this many validation examples per task.")
+    select_with: list[str] = Field(
+        default_factory=list,
+        description="Overrides used while selecting only, such as a subset (data.sources.0.limit=300); the winner is "
+        "then trained again without them.",
+    )
+    test: str | None = Field(
+        None, description="Eval suite scored once, on the winner only (default: the recipe's eval.suite)."
+    )
+    output_dir: str = Field(
+        "runs/{name}-sweep", description="Where the variants, the winner and sweep.json / .md / .png go."
+    )
+
+
 class Recipe(Section):
     name: str = Field(..., description="Recipe name (defaults to the file name).")
     description: str = Field("", description="One line shown by `finetune recipes list`.")
@@ -249,6 +275,9 @@ class Recipe(Section):
     )
     dpo: DpoSection | None = Field(
         None, description="DPO settings; only with train.method: dpo (defaults apply when omitted)."
+    )
+    sweep: SweepSection | None = Field(
+        None, description="`finetune sweep`: variants to train, the validation suite that picks one, the test suite."
     )
 
     @model_validator(mode="after")

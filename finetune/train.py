@@ -118,11 +118,11 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,
         seed=train.seed,
         data_seed=train.seed,
@@ -285,7 +285,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         "seed": recipe.train.seed,
         "steps": trainer.state.global_step,
         "epochs": epochs_done,
-        "final_loss": result.training_loss,
+        **loss_summary(folder.metrics),
         "wall_time_s": round(wall, 1),
         "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "tokens_trained": trained_tokens,
@@ -303,6 +303,13 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
     }
     runs.write_json(folder.summary, metadata)
     return out
+
+
+def loss_summary(metrics: Path) -> dict:
+    """The last logged training loss and the mean over every logged step, from metrics.jsonl: the same for a run
+    that was resumed as for one that was not (TRL's training_loss covers only the steps the last process ran)."""
+    losses = [r["loss"] for r in runs.read_metrics(metrics) if "loss" in r]
+    return {"last_loss": losses[-1], "mean_loss": sum(losses) / len(losses)} if losses else {}
 
 
 def padding_fraction(trainer) -> float:

@@ -38,11 +38,11 @@ class EpochSeededSFTTrainer(trl.SFTTrainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(dataset)
         lengths = [len(ids) for ids in dataset["input_ids"]]
-        return EpochSeededLengthGroupedSampler(
-            lengths,
-            self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-        )
+        # Grouped by the global batch: under DDP accelerate deals each group's consecutive batches out to the ranks,
+        # so N processes train on the same rows per step as one process with N times the batch.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededLengthGroupedSampler(lengths, global_batch, seed)
 
 
 class TrainedPositionsSFTTrainer(EpochSeededSFTTrainer):

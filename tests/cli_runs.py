@@ -23,13 +23,14 @@ ROWS += [
 ]
 
 
-def write_recipe(folder: Path, base, out: Path, rows: int = 8, **train) -> str:
-    """A recipe over the first `rows` rows; `train` overrides the train section (max_steps 10, batch 2, save each 2)."""
+def write_recipe(folder: Path, base, out: Path, rows: int = 8, dropout: float = 0.05, **train) -> str:
+    """A recipe over the first `rows` rows, LoRA dropout as users get it; `train` overrides the train section
+    (max_steps 10, batch 2, save every 2)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "rows.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS[:rows]))
     recipe = {
         "model": {"base": str(base)},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "adapter": {"r": 8, "alpha": 16, "dropout": dropout},
         "data": {"sources": [{"path": str(folder / "rows.jsonl")}], "max_length": 64},
         "train": {
             "max_steps": 10,

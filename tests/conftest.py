@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests own their state: converted models, token and eval caches go to a folder of this session, never the user's
+# ~/.cache/finetune (subprocesses, notebooks and the CLI inherit it through the environment).
+SESSION_CACHE = tempfile.mkdtemp(prefix="finetune-test-cache-")
+os.umask(0o022)  # the file-mode tests assert what a plain write gives under the usual umask
+os.environ["FINETUNE_CACHE"] = SESSION_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT.parent / "shared" / "data"

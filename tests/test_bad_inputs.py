@@ -22,7 +22,11 @@ RECIPE_COMMANDS = ("run", "data", "recipes")
 
 
 def tree(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if "__pycache__" not in p.parts}
+    return (
+        {str(p.relative_to(folder)) for p in folder.rglob("*") if "__pycache__" not in p.parts}
+        if folder.exists()
+        else set()
+    )
 
 
 @pytest.fixture
@@ -42,25 +46,27 @@ def in_catalog(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("case", CATALOG, ids=[c.get("id") or c["case"] for c in CATALOG])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, in_catalog, capsys, monkeypatch):
-    out = in_catalog / "out"
+    runs = in_catalog / "runs"
+    out = runs / "out"
     argv = case.get("command", "run").split() + [case["case"]]
     if argv[0] in RECIPE_COMMANDS:
         argv.append(f"train.output_dir={out}")
     argv += case.get("args", [])
     for module in case.get("hide", []):
         monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails, as on a machine without it
+    if case.get("finished"):
+        out.mkdir(parents=True)  # what an earlier finished run left there
+        (out / "run.json").write_text("{}")
     before = tree(HERE)
 
     code = cli.main(argv)
 
     captured = capsys.readouterr()
-    assert captured.err == f"error: {case['error']}\n"
+    assert captured.err == f"error: {case['error'].replace('{out}', str(out))}\n"
     assert code == 2
     assert "Traceback" not in captured.out
-    # train.run makes the folder (and takes its .lock) before loading anything; nothing else may be there,
-    # least of all run.json, adapter/, recipe.yaml or checkpoints that a rerun would take for real output.
-    leftovers = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.exists() else []
-    assert leftovers == []
+    # Every input is checked before the run folder is made: nothing is created, not even an empty runs/ or a lock.
+    assert tree(runs) == ({"out", "out/run.json"} if case.get("finished") else set())
     cache = in_catalog / "cache"
     assert not (cache / "models").exists() or not any((cache / "models").iterdir()), "a half-converted model was cached"
     assert tree(HERE) == before, "the case wrote into tests/bad_inputs"

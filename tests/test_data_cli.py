@@ -15,9 +15,9 @@ def test_preview_marks_trained_spans_and_counts_tokens(capsys, embedded_dir):
     assert trained.endswith("<|im_end|>")
     assert first_row.count("⟦") == 1
     assert "<|im_start|>user" in first_row.split("⟦")[0]
-    assert "── 30 rows, 0 duplicates removed, 0 longer than max_length=768" in out
+    assert "── 23 rows, 0 duplicates removed, 0 longer than max_length=768" in out
     histogram = out.split("tokens per row:\n")[1].splitlines()
-    assert sum(int(line.split()[-1]) for line in histogram) == 30
+    assert sum(int(line.split()[-1]) for line in histogram) == 23
 
 
 def test_info_names_readers_licenses_and_flags_non_commercial_sources(capsys, tmp_path):

@@ -15,9 +15,11 @@ from finetune import distributed
 from finetune.errors import FinetuneError
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-# Two processes of batch 2 take the same 4 rows per step as one process of batch 4 (accelerate hands rank r
-# the r-th of every 2 consecutive batches); plain shuffled order, so both see the same rows in each step.
-STEPS = {"max_steps": 6, "group_by_length": False}
+# Two processes of batch 2 take the same 4 rows per step as one process of batch 4: accelerate hands rank r the r-th
+# of every 2 consecutive batches, and length grouping (on, as users run it) groups by the global batch.
+STEPS = {"max_steps": 6, "group_by_length": True}
+# Dropout off: each rank draws masks for its own rows, so its masks cannot equal one process drawing for all rows.
+NO_DROPOUT = {"dropout": 0.0}
 
 
 def finished(process) -> str:
@@ -33,7 +35,9 @@ def adapter_weights(out):
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("single")
-    finished(finetune_run(write_recipe(root, tiny_llama_dir, root / "out", rows=16, batch_size=4, **STEPS)))
+    finished(
+        finetune_run(write_recipe(root, tiny_llama_dir, root / "out", rows=16, batch_size=4, **STEPS, **NO_DROPOUT))
+    )
     return root / "out"
 
 
@@ -57,7 +61,9 @@ def assert_one_output(out, stdout):
 def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_llama_dir, single_process):
     out = tmp_path / "out"
     stdout = finished(
-        finetune_run(write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS), launcher=TORCHRUN)
+        finetune_run(
+            write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS, **NO_DROPOUT), launcher=TORCHRUN
+        )
     )
     assert_same_training(out, single_process)
     assert_one_output(out, stdout)
@@ -68,7 +74,7 @@ def test_finetune_run_distributed_ddp_launches_accelerate_with_the_shipped_confi
     tmp_path, tiny_llama_dir, single_process
 ):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS)
+    recipe = write_recipe(tmp_path, tiny_llama_dir, out, rows=16, batch_size=2, **STEPS, **NO_DROPOUT)
     stdout = finished(finetune_run(recipe, "--distributed", "ddp", "--processes", "2"))
     assert_same_training(out, single_process)
     assert_one_output(out, stdout)

@@ -322,31 +322,34 @@ def test_a_glob_task_scores_every_file_and_same_file_shots_leave_the_example_out
 
 @pytest.mark.skipif(not (PROJECT_ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
 @pytest.mark.parametrize("name", ["medical", "legal", "finance"])
-def test_the_real_data_suites_read_their_sets_and_never_score_a_training_row(name):
-    """evals/real/*.yaml score the README's results; benchmarks/real_data.sh trains on another split (same readers)."""
-    suite = suites.load_suite(str(PROJECT_ROOT / "evals" / "real" / f"{name}.yaml"))
-    # The medical runs train on the abstracts, their conclusions, or both: check every reader of the file.
-    training = {
-        "medical": (("pubmedqa", "pubmedqa_reasoning_free"), "medical/pubmedqa/ori_pqal.json", "train"),
-        "legal": (("contractnli",), "legal/contract-nli/dev.json", "train"),
-        "finance": (("tatqa_conversation",), "finance/tat-qa/tatqa_dataset_dev.json", "train"),
-    }[name]
-    readers, path, split = training
-    # Every user turn of the training conversations, as one text: a scored question, or the document
-    # (abstract or conclusion, contract excerpt, report) it is asked about, must appear in none of them.
+def test_train_validation_and_test_never_share_a_row(name):
+    """recipes/real/NAME.yaml trains (every variant its sweep tries), evals/real/NAME-validation.yaml chooses,
+    evals/real/NAME.yaml reports: no scored question, nor the document it is asked about, is in training, and no
+    test question is a validation one."""
+    recipe = load_recipe(f"real/{name}")
+    sources = list(recipe.data.sources) + [
+        SourceSection(**source) for value in recipe.sweep.grid.get("data.sources", []) for source in value
+    ]
+    # Every user turn of the training conversations, as one text.
     trained = "\n\0".join(
         m["content"]
-        for reader in readers
-        for row in read_source(SourceSection(path=f"../shared/data/{path}", reader=reader, split=split), "error", 0)[1]
-        for m in formats.to_sft(row, READERS[reader].kind)["messages"]
+        for source in sources
+        for row in read_source(source, "error", 0)[1]
+        for m in formats.to_sft(row, READERS[source.reader].kind)["messages"]
         if m["role"] == "user"
     )
-    for task_name, task in suite.tasks.items():
-        items = prompts.examples(task, None, suite.seed)
-        assert len(items) >= 100, task_name
-        for item in items:
-            assert item["messages"][-1]["content"] not in trained, (task_name, item["id"])
-            assert item["row"]["context"] is None or item["row"]["context"] not in trained, (task_name, item["id"])
+    scored = {}
+    for suite_name in (recipe.sweep.validation, recipe.sweep.test):
+        suite = suites.load_suite(suite_name)
+        scored[suite_name] = set()
+        for task_name, task in suite.tasks.items():
+            items = prompts.examples(task, None, suite.seed)
+            assert len(items) >= 100, task_name
+            for item in items:
+                assert item["messages"][-1]["content"] not in trained, (task_name, item["id"])
+                assert item["row"]["context"] is None or item["row"]["context"] not in trained, (task_name, item["id"])
+                scored[suite_name].add(item["messages"][-1]["content"])
+    assert not scored[recipe.sweep.validation] & scored[recipe.sweep.test]
 
 
 def write_suite(folder: Path, tasks: dict, **top) -> Path:

@@ -14,6 +14,15 @@ from finetune import merge, modelfile
 from finetune.errors import FinetuneError
 
 
+def shared_modes(*paths) -> dict[str, int]:
+    """The permission bits of files and folders under paths, as a plain write would give them (umask 022 here)."""
+    found = {}
+    for path in paths:
+        for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            found.setdefault("folder" if p.is_dir() else "file", set()).add(p.stat().st_mode & 0o777)
+    return {kind: modes.pop() if len(modes) == 1 else modes for kind, modes in found.items()}
+
+
 def reference_logits(run_dir, merged_dir):
     """Base + adapter computed independently of merge.merge, and the saved merged model, on the same prompts."""
     from peft import PeftModel
@@ -64,6 +73,7 @@ def test_merge_matches_base_plus_adapter(tmp_path, tiny_llama_dir, adapter):
     unmerged, merged = reference_logits(run, merged_dir)
     assert (unmerged - merged).abs().max() < 1e-4
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert shared_modes(merged_dir) == {"file": 0o644, "folder": 0o755}
 
 
 def test_qlora_dequantized_target_reproduces_the_trained_model(tmp_path, tiny_llama_dir):
@@ -171,6 +181,8 @@ def test_gguf_round_trip(merged_run, outtype, limit):
     assert figures["max_abs_logit_diff"] < limit
     assert figures["greedy_text_agreement"] == 1.0 and figures["tokenization_agreement"] == 1.0
     assert (merged_run / "gguf" / f"tiny-{outtype}.Modelfile").read_text().startswith(f"FROM ./tiny-{outtype}.gguf\n")
+    outputs = [path, path.with_suffix(".Modelfile"), merged_run / "gguf" / "export.json"]
+    assert shared_modes(*outputs) == {"file": 0o644}
 
 
 def test_gguf_q8_0_quantizes_matrices_only(merged_run):

@@ -94,12 +94,16 @@ def test_every_reader_is_registered_with_a_card_and_license():
 
 def test_pubmedqa_splits_on_real_data():
     path = shared_data("medical/pubmedqa/ori_pqal.json")
-    train, test, everything = (rows_of("pubmedqa", path, split=s) for s in ("train", "test", "all"))
-    assert (len(train), len(test), len(everything)) == (500, 500, 1000)
-    assert answers(train) == {"yes": 276, "no": 169, "maybe": 55}
+    splits = ("train", "validation", "test", "all")
+    train, validation, test, everything = (rows_of("pubmedqa", path, split=s) for s in splits)
+    assert (len(train), len(validation), len(test), len(everything)) == (400, 100, 500, 1000)
+    assert answers(train) == {"yes": 219, "no": 138, "maybe": 43}
+    assert answers(validation) == {"yes": 57, "no": 31, "maybe": 12}
     assert answers(test) == {"yes": 276, "no": 169, "maybe": 55}
     assert answers(everything) == {"yes": 552, "no": 338, "maybe": 110}
-    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    ids = [{r["id"] for r in rows} for rows in (train, validation, test)]
+    assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+    assert ids[0] | ids[1] | ids[2] == {r["id"] for r in everything}
     first = train[0]
     assert first["id"] == "pubmedqa-10808977"
     assert formats.mcq_prompt(first).endswith(
@@ -140,21 +144,24 @@ def test_medmcqa_on_real_data():
 
 
 def test_contractnli_on_real_data():
-    dev = rows_of("contractnli", shared_data("legal/contract-nli/dev.json"))
-    test = rows_of("contractnli", shared_data("legal/contract-nli/test.json"))
+    dev_file, test_file = shared_data("legal/contract-nli/dev.json"), shared_data("legal/contract-nli/test.json")
+    dev, test = rows_of("contractnli", dev_file, split="all"), rows_of("contractnli", test_file, split="all")
     assert len(dev) == 1037 and answers(dev) == {"Entailment": 519, "Contradiction": 95, "NotMentioned": 423}
     assert len(test) == 2091 and answers(test) == {"Entailment": 968, "Contradiction": 220, "NotMentioned": 903}
-    # Evidence always fits the budget, so every context stays within it (plus the [...] markers).
-    assert max(len(r["context"]) for r in dev + test) <= legal.CONTEXT_CHARS + 100
+    # Splits by contract: 10 of dev's 61 contracts (170 pairs) validate, the other 51 train.
+    train, validation = (rows_of("contractnli", dev_file, split=s) for s in ("train", "validation"))
+    assert (len(train), len(validation)) == (867, 170)
+    contracts = [{r["id"].rsplit("-", 2)[0] for r in rows} for rows in (train, validation)]
+    assert not contracts[0] & contracts[1] and len(contracts[1]) == 10
+    assert answers(validation) == {"Entailment": 98, "Contradiction": 14, "NotMentioned": 58}
+    # Contexts stay within the budget (plus the [...] markers at either end).
+    assert max(len(r["context"]) for r in dev + test) <= legal.CONTEXT_CHARS + 12
     assert all((r["explanation"] is None) == (r["answer"] == "NotMentioned") for r in dev)
-    assert all(r["explanation"].split(" ")[0] in r["context"] for r in dev if r["explanation"])
     first = dev[0]
     assert first["id"] == "contractnli-3-nda-11"
-    assert first["context"].startswith(
-        "[...]\n2. Exclusions\nThe obligation of confidentiality set out in this Agreement "
-    )
+    assert first["context"].startswith("[...]\nIn respect of Confidential Information disclosed in documentary form")
     assert first["context"].endswith(
-        "Confidential Information is and remains the property of the Disclosing Party.\n[...]"
+        "from the date of disclosure of the Confidential Information.\n[...]\n<Party>\n[...]"
     )
     assert (
         "f) Not to alter, modify, disassemble, reverse engineer or decompile any Confidential Information;"
@@ -171,6 +178,23 @@ def test_contractnli_on_real_data():
         "engineer or decompile "
         "any Confidential Information;"
     )
+
+
+def test_the_label_blind_retriever_finds_the_evidence_of_most_entailed_or_contradicted_pairs():
+    """What the label-blind contexts cost: the pairs whose context holds some / all of their gold evidence spans
+    (dev 532 / 322 of 614, test 1,055 / 652 of 1,188; datasets/legal/contractnli.md)."""
+    for name, expected in (("dev", (614, 532, 322)), ("test", (1188, 1055, 652))):
+        data = json.loads(shared_data(f"legal/contract-nli/{name}.json").read_text())
+        pairs = some = every = 0
+        for document in data["documents"]:
+            for hypothesis_id, label in data["labels"].items():
+                annotation = document["annotation_sets"][0]["annotations"][hypothesis_id]
+                if annotation["choice"] == "NotMentioned":
+                    continue
+                chosen = set(legal.retrieve(document["text"], document["spans"], label["hypothesis"]))
+                evidence = set(annotation["spans"])
+                pairs, some, every = pairs + 1, some + bool(evidence & chosen), every + (evidence <= chosen)
+        assert (pairs, some, every) == expected, name
 
 
 def test_contractnli_context_is_deterministic():
@@ -254,11 +278,17 @@ def test_legalbench_on_real_data():
 
 
 def test_tatqa_on_real_data():
-    dev = rows_of("tatqa", shared_data("finance/tat-qa/tatqa_dataset_dev.json"))
-    test = rows_of("tatqa", shared_data("finance/tat-qa/tatqa_dataset_test_gold.json"))
+    dev_file = shared_data("finance/tat-qa/tatqa_dataset_dev.json")
+    dev = rows_of("tatqa", dev_file, split="all")
+    test = rows_of("tatqa", shared_data("finance/tat-qa/tatqa_dataset_test_gold.json"), split="all")
     assert (len(dev), len(test)) == (1668, 1663)
-    reports = rows_of("tatqa_conversation", shared_data("finance/tat-qa/tatqa_dataset_dev.json"))
+    reports = rows_of("tatqa_conversation", dev_file, split="all")
     assert len(reports) == 278 and sum(1 + len(r["history"]) // 2 for r in reports) == 1668
+    # Splits by report: 56 of dev's 278 reports (336 questions) validate, the other 222 train.
+    train, validation = (rows_of("tatqa_conversation", dev_file, split=s) for s in ("train", "validation"))
+    assert (len(train), len(validation)) == (222, 56)
+    assert [len(rows_of("tatqa", dev_file, split=s)) for s in ("train", "validation")] == [1332, 336]
+    assert not {r["id"] for r in train} & {r["id"] for r in validation}
     assert Counter(r["scale"] for r in dev) == {
         None: 794,
         "thousand": 345,
@@ -355,10 +385,10 @@ def test_hh_rlhf_on_real_data():
 
 def test_pubmedqa_sample():
     path = SAMPLES / "medical/pubmedqa/ori_pqal.json"
-    train, test = rows_of("pubmedqa", path), rows_of("pubmedqa", path, split="test")
-    assert (len(train), len(test)) == (30, 10)
-    assert answers(train) == {"yes": 16, "no": 10, "maybe": 4} and answers(test) == {"yes": 6, "no": 3, "maybe": 1}
-    assert all(len(r["id"]) == len("pubmedqa-") + 8 for r in train + test)
+    train, validation, test = (rows_of("pubmedqa", path, split=s) for s in ("train", "validation", "test"))
+    assert (len(train), len(validation), len(test)) == (23, 7, 10)
+    assert answers(train) == {"yes": 11, "no": 8, "maybe": 4} and answers(test) == {"yes": 6, "no": 3, "maybe": 1}
+    assert all(len(r["id"]) == len("pubmedqa-") + 8 for r in train + validation + test)
 
 
 def test_pubmedqa_reasoning_free_asks_the_question_of_the_conclusion_on_the_same_splits():
@@ -413,7 +443,7 @@ def test_contractnli_sample():
     )
 
 
-def test_contractnli_long_document_is_trimmed_around_evidence(tmp_path):
+def test_contractnli_long_document_keeps_the_spans_that_match_the_hypothesis(tmp_path):
     filler = [
         f"{i}. The parties agree to routine administrative term number {i} of this agreement." for i in range(200)
     ]
@@ -422,24 +452,21 @@ def test_contractnli_long_document_is_trimmed_around_evidence(tmp_path):
     for clause in clauses:
         spans.append([len(text), len(text) + len(clause)])
         text += clause + "\n"
+    annotation = {"choice": "Entailment", "spans": [120]}
     data = {
-        "labels": {"h": {"hypothesis": "No reverse engineering."}},
-        "documents": [
-            {
-                "id": 1,
-                "text": text,
-                "spans": spans,
-                "annotation_sets": [{"annotations": {"h": {"choice": "Entailment", "spans": [120]}}}],
-            }
-        ],
+        "labels": {"h": {"hypothesis": "The Receiving Party shall not reverse engineer the samples."}},
+        "documents": [{"id": 1, "text": text, "spans": spans, "annotation_sets": [{"annotations": {"h": annotation}}]}],
     }
     path = write(tmp_path / "long.json", json.dumps(data))
-    (row,) = rows_of("contractnli", path)
-    assert len(text) > 3 * legal.CONTEXT_CHARS and len(row["context"]) <= legal.CONTEXT_CHARS + 20
-    assert row["context"].startswith("[...]\n") and row["context"].endswith("\n[...]")
-    # The evidence sits in the middle of the kept window: neighbours were taken from both sides.
-    before, after = row["context"].split("The Receiving Party shall not reverse engineer any sample.")
-    assert abs(len(before) - len(after)) < 200
+    (row,) = rows_of("contractnli", path, split="all")
+    assert len(text) > 3 * legal.CONTEXT_CHARS and len(row["context"]) <= legal.CONTEXT_CHARS + 12
+    # The matching clause is found without being told it is the evidence; equally (un)matching filler fills the rest
+    # of the budget from the top, and the text left out between them is marked.
+    assert "\n[...]\nThe Receiving Party shall not reverse engineer any sample.\n[...]" in row["context"]
+    assert row["context"].startswith("0. The parties agree")
+    annotation.update(choice="NotMentioned", spans=[])
+    (unlabelled,) = rows_of("contractnli", write(tmp_path / "same.json", json.dumps(data)), split="all")
+    assert unlabelled["context"] == row["context"]
 
 
 def test_tatqa_sample():

@@ -43,8 +43,11 @@ def markdown_table(rows: list[list]) -> str:
 
 
 def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[str, object]]:
-    """Every context (one report table and its paragraphs) of a TAT-QA file, with where it is."""
+    """The contexts (one report table and its paragraphs, with its questions) of the source's split, with where each
+    is. Splits are by report, so no report is in two: validation is a fixed fifth (by the table's uid), train the
+    rest, all the whole file."""
     path = files.local_path(source.path, source.hub, reader)
+    readers.check_split(source, reader)
     data = files.parse_json(path)
     if not isinstance(data, list):
         raise FinetuneError(
@@ -52,7 +55,10 @@ def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[st
             f"{type(data).__name__}"
         )
     for index, context in enumerate(data):
-        yield f"{path}: context {index}", context
+        table = context.get("table") if isinstance(context, dict) else None
+        key = table.get("uid") if isinstance(table, dict) else None
+        if readers.in_split(source.split, str(key if key is not None else index)):
+            yield f"{path}: context {index}", context
 
 
 def tatqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
@@ -82,7 +88,8 @@ def _tatqa_context(context: dict, where: str) -> str:
 @readers.reader("tatqa", "qa", records=tatqa_records, card="finance/tatqa.md", license="CC BY 4.0")
 def tatqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its scale; the
-    table is rendered as Markdown, span lists joined with ', '."""
+    table is rendered as Markdown, span lists joined with ', '. Splits by report: train, validation (a fixed fifth),
+    all."""
     question = record["question"]
     if not isinstance(question, dict):
         raise bad_row(where, "questions[]", "an object with question, answer, scale", question)

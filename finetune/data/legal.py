@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 
 from finetune.data import files, readers
@@ -13,9 +15,9 @@ from finetune.errors import FinetuneError
 LEGALBENCH_LICENSE = "CC BY 4.0 / CC BY-SA 4.0 / MIT, per task"
 
 # Contracts run to 40k characters (~10k tokens) while the training rows must fit a small model's
-# max_length, so a legal context keeps at most this many characters. ContractNLI's longest
-# evidence is ~2.5k characters, so the evidence always fits and its neighbours fill the rest.
+# max_length, so a legal context keeps at most this many characters of the spans that match the hypothesis.
 CONTEXT_CHARS = 3000
+BM25_K1, BM25_B = 1.5, 0.75
 GAP = "\n[...]\n"
 
 CONTRACTNLI_LABELS = ("Entailment", "Contradiction", "NotMentioned")
@@ -111,7 +113,8 @@ def _fit(pieces: list[str], budget: int = CONTEXT_CHARS) -> str:
 
 
 def contractnli_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
-    """One record per (document, hypothesis): every document is annotated for every hypothesis in `labels`."""
+    """One record per (document, hypothesis): every document is annotated for every hypothesis in `labels`. Splits
+    are by contract, so no contract is in two: validation is a fixed fifth (by the file name's hash), train the rest."""
     path = files.local_path(source.path, source.hub, "contractnli")
     data = files.parse_json(path)
     if (
@@ -124,8 +127,12 @@ def contractnli_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]
             f"{path}: expected ContractNLI's layout (an object with 'labels' and 'documents'), found {found}; point "
             "data.sources[].path at train.json, dev.json or test.json"
         )
+    readers.check_split(source, "contractnli")
     for index, document in enumerate(data["documents"]):
         name = document.get("id", index) if isinstance(document, dict) else index
+        key = document.get("file_name", str(name)) if isinstance(document, dict) else str(name)
+        if not readers.in_split(source.split, str(key)):
+            continue
         for hypothesis_id, label in data["labels"].items():
             hypothesis = label.get("hypothesis") if isinstance(label, dict) else label
             yield (
@@ -134,52 +141,56 @@ def contractnli_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]
             )
 
 
-def _words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3}
+def _terms(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def _excerpt(text: str, spans: list[list[int]], anchors: list[int]) -> str:
-    """The anchor spans plus their nearest neighbours, in document order, up to CONTEXT_CHARS.
+def retrieve(text: str, spans: list[list[int]], query: str, budget: int = CONTEXT_CHARS) -> list[int]:
+    """The spans a label-blind retriever gives for the query, in document order: the contract's spans ranked by BM25
+    against the query (the hypothesis), taken best first while they fit the character budget. The gold label and
+    evidence play no part, so training and evaluation prompts are built as a user's would be."""
+    bags = [Counter(_terms(text[start:end])) for start, end in spans]
+    sizes = [sum(bag.values()) for bag in bags]
+    average = sum(sizes) / len(bags) or 1.0
+    words = set(_terms(query))
+    frequency = {w: sum(w in bag for bag in bags) for w in words}
+    idf = {w: math.log(1 + (len(bags) - frequency[w] + 0.5) / (frequency[w] + 0.5)) for w in words}
 
-    Neighbours are added one step outwards at a time on both sides of every anchor; a side stops
-    growing at the first span that no longer fits, so each kept run of the contract is contiguous.
-    """
+    def score(i: int) -> float:
+        bag, norm = bags[i], BM25_K1 * (1 - BM25_B + BM25_B * sizes[i] / average)
+        return sum(idf[w] * bag[w] * (BM25_K1 + 1) / (bag[w] + norm) for w in words if bag[w])
 
-    def length(i: int) -> int:
-        return spans[i][1] - spans[i][0]
+    ranked = sorted(range(len(spans)), key=lambda i: (-score(i), i))
+    chosen, size = [], 0
+    for i in ranked:
+        # Each span may cost a "[...]" gap (or the spaces joining it to its neighbour) on top of its own text.
+        length = spans[i][1] - spans[i][0] + len(GAP)
+        if size + length <= budget:
+            chosen.append(i)
+            size += length
+    return sorted(chosen) or ranked[:1]  # a best span longer than the budget is cut by _excerpt
 
-    chosen = set(anchors)
-    size = sum(length(i) for i in chosen)
-    fronts = [(a, step) for a in sorted(set(anchors)) for step in (-1, 1)]
-    distance = 1
-    while fronts:
-        open_fronts = []
-        for anchor, step in fronts:
-            i = anchor + step * distance
-            if not 0 <= i < len(spans):
-                continue
-            if i not in chosen:
-                if size + length(i) > CONTEXT_CHARS:
-                    continue
-                chosen.add(i)
-                size += length(i)
-            open_fronts.append((anchor, step))
-        fronts, distance = open_fronts, distance + 1
-    ordered = sorted(chosen)
-    runs, start = [], ordered[0]
-    for previous, current in zip(ordered, ordered[1:] + [None]):
+
+def _excerpt(text: str, spans: list[list[int]], chosen: list[int]) -> str:
+    """The chosen spans in document order: adjacent ones as one run of the contract, "[...]" where text is left out."""
+    runs, start = [], chosen[0]
+    for previous, current in zip(chosen, chosen[1:] + [None]):
         if current != previous + 1:
             runs.append(text[spans[start][0] : spans[previous][1]].strip())
             start = current
-    lead = "[...]\n" if ordered[0] > 0 else ""
-    tail = "\n[...]" if ordered[-1] < len(spans) - 1 else ""
-    return lead + GAP.join(runs) + tail
+    lead = "[...]\n" if chosen[0] > 0 else ""
+    tail = "\n[...]" if chosen[-1] < len(spans) - 1 else ""
+    body = GAP.join(runs)
+    if len(body) > CONTEXT_CHARS:  # one span longer than the budget
+        body = body[: CONTEXT_CHARS - 6].rsplit(" ", 1)[0] + " [...]"
+    return lead + body + tail
 
 
 @readers.reader("contractnli", "mcq", records=contractnli_records, card="legal/contractnli.md", license="CC BY 4.0")
 def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> dict:
-    """ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / NotMentioned,
-    context = the evidence spans and their neighbours up to 3,000 characters, evidence as rationale."""
+    """ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / NotMentioned;
+    context = the contract's spans that best match the hypothesis (BM25, label-blind), in document order, up to 3,000
+    characters; the evidence spans as rationale. Splits by contract: train, validation (a fixed fifth), all."""
     document, hypothesis_id = record["document"], record["hypothesis_id"]
     if not isinstance(document, dict):
         raise bad_row(where, "documents[]", "an object with text, spans, annotation_sets", document)
@@ -213,20 +224,13 @@ def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> 
     if not isinstance(hypothesis, str) or not hypothesis.strip():
         raise bad_row(where, f"labels.{hypothesis_id}.hypothesis", "a non-empty string", hypothesis)
     evidence = sorted(set(evidence))
-    if evidence:
-        anchors = evidence
-    else:
-        # No evidence (NotMentioned): centre the excerpt on the span sharing most words with the
-        # hypothesis, as a retriever would at inference, so the row is not trivially off-topic.
-        wanted = _words(hypothesis)
-        anchors = [max(range(len(spans)), key=lambda i: (len(wanted & _words(text[spans[i][0] : spans[i][1]])), -i))]
     return {
         "id": f"contractnli-{document.get('id')}-{hypothesis_id}",
         "question": "Is this hypothesis entailed, contradicted or not mentioned by the agreement? "
         f'"{hypothesis.strip()}"',
         "options": {label: label for label in CONTRACTNLI_LABELS},
         "answer": choice,
-        "context": _excerpt(text, spans, anchors),
+        "context": _excerpt(text, spans, retrieve(text, spans, hypothesis)),
         "explanation": " ".join(text[spans[i][0] : spans[i][1]].strip() for i in evidence) or None,
         "instruction": CONTRACTNLI_INSTRUCTION,
     }

@@ -9,7 +9,7 @@ from finetune.data.formats import bad_row
 from finetune.errors import FinetuneError
 
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
-PUBMEDQA_SPLITS = ("train", "test", "all")
+PUBMEDQA_SPLITS = ("train", "validation", "test", "all")
 MEDMCQA_LABELS = ("A", "B", "C", "D")
 
 
@@ -25,12 +25,11 @@ def _pubmedqa_test_pmids(source: readers.RawSource) -> set[str]:
 
 
 def pubmedqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
-    """ori_pqal.json is keyed by PMID; `split` picks the non-test PMIDs (train), the official test ones, or all."""
-    if source.split not in PUBMEDQA_SPLITS:
-        raise FinetuneError(
-            f"data.sources[].split: pubmedqa has splits {', '.join(PUBMEDQA_SPLITS)}, got {source.split!r}"
-        )
-    data = files.parse_json(files.local_path(source.path, source.hub, "pubmedqa"))
+    """ori_pqal.json is keyed by PMID. Splits: test (the official test PMIDs), validation (a fixed fifth of the
+    others, by the PMID's hash), train (the rest of the others), all."""
+    path = files.local_path(source.path, source.hub, "pubmedqa")
+    readers.check_split(source, "pubmedqa", PUBMEDQA_SPLITS)
+    data = files.parse_json(path)
     if not isinstance(data, dict):
         raise FinetuneError(
             f"{source.path}: expected PubMedQA's ori_pqal.json layout (an object keyed by PMID), found a "
@@ -38,15 +37,15 @@ def pubmedqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
         )
     test = _pubmedqa_test_pmids(source) if source.split != "all" else set()
     for pmid, record in data.items():
-        if (source.split == "train") == (pmid in test) and source.split != "all":
-            continue
-        yield f"{source.path}: PMID {pmid}", {"pmid": pmid, **record} if isinstance(record, dict) else record
+        wanted = pmid in test if source.split == "test" else pmid not in test and readers.in_split(source.split, pmid)
+        if wanted:
+            yield f"{source.path}: PMID {pmid}", {"pmid": pmid, **record} if isinstance(record, dict) else record
 
 
 @readers.reader("pubmedqa", "mcq", records=pubmedqa_records, card="medical/pubmedqa.md", license="MIT")
 def pubmedqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
-    """PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. Splits: train
-    (non-test PMIDs), test (the 500 official test PMIDs), all."""
+    """PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. Splits: test
+    (the 500 official test PMIDs), validation (100 of the other 500, fixed), train (the other 400), all."""
     if not isinstance(record, dict):
         raise bad_row(where, "(record)", "an object with QUESTION, CONTEXTS, final_decision", record)
     contexts = record.get("CONTEXTS")

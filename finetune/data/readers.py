@@ -9,6 +9,7 @@ the tokenized-cache key.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from finetune.config import suggest
 from finetune.data import files
+from finetune.errors import FinetuneError
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,27 @@ def reader(name: str, kind: str, records=default_records, card: str = "", licens
         return convert
 
     return register
+
+
+FILE_SPLITS = ("train", "validation", "all")
+
+
+def in_validation(key: str) -> bool:
+    """Whether a record belongs to its file's validation part: a fixed fifth of the records, chosen by the hash of a
+    stable key (a PMID, a contract, a report), so the part never moves with the file's order or a seed."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 5 == 0
+
+
+def check_split(source: RawSource, reader: str, splits: tuple[str, ...] = FILE_SPLITS) -> None:
+    """An unknown split name is an error naming the ones the reader has."""
+    if source.split not in splits:
+        raise FinetuneError(f"data.sources[].split: {reader} has splits {', '.join(splits)}, got {source.split!r}")
+
+
+def in_split(split: str, key: str) -> bool:
+    """Whether the record with this key is in a split of its file: train (the file less its validation part),
+    validation, or all."""
+    return split == "all" or in_validation(key) == (split == "validation")
 
 
 def check_reader(name: str) -> str:

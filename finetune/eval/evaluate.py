@@ -87,12 +87,13 @@ def _target(target) -> tuple[Recipe, Path | None, Path]:
     return recipe, None, recipe.output_dir / "base-eval"
 
 
-def run(target, suite: str | None = None, n: int | None = None, cache: bool = True) -> dict:
+def run(target, suite: str | None = None, n: int | None = None, cache: bool = True, output: Path | None = None) -> dict:
     """Score base (and base + adapter, and RUN_DIR/merged when present) on a suite; write eval.json/.md/.png.
 
     `target` is a finished run folder (recipe.yaml + adapter/) or a recipe name/path (base only).
     `suite` defaults to the suite named like the recipe; `n` caps every task's example count.
     `cache` reuses the base model's scores from an earlier evaluation of the same prompts (see above).
+    `output` is where eval.json/.md/.png go (default: the run folder, or RUN_DIR/base-eval for a bare recipe).
     """
     from finetune import inference
     from finetune import model as model_lib
@@ -131,6 +132,7 @@ def run(target, suite: str | None = None, n: int | None = None, cache: bool = Tr
 
     result = {
         "suite": chosen.name,
+        "note": chosen.note,
         "target": str(target),
         "recipe": recipe.name,
         "model": recipe.model.base,
@@ -142,7 +144,7 @@ def run(target, suite: str | None = None, n: int | None = None, cache: bool = Tr
             for name, (task, items) in tasks.items()
         },
     }
-    write_report(result, out)
+    write_report(result, Path(output) if output is not None else out)
     for name in regressions(result):
         log.warning(
             "REGRESSION on %s: the adapter scores below the base (95%% CI of the delta %s)",

@@ -72,6 +72,8 @@ def markdown(result: dict) -> str:
         f"qa: greedy answers). The 95% interval is a paired bootstrap of the delta over examples "
         f"({b['resamples']} resamples, seed {b['seed']}); REGRESSION marks an interval entirely below 0.",
     ]
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
     picks = [
         f"- `{name}`: "
         + "; ".join(

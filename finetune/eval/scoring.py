@@ -67,7 +67,7 @@ def option_logprobs(
         logits = model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=width - first,
         ).logits
@@ -87,7 +87,7 @@ def option_logprobs(
                     input_ids=tail.to(device),
                     attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
                     position_ids=positions.to(device),
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 )
                 following = torch.log_softmax(out.logits.float(), dim=-1).cpu()

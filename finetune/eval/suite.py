@@ -86,6 +86,7 @@ class Task(ReaderInput):
 class Suite(Section):
     name: str = Field(..., description="Suite name (defaults to the file name).")
     description: str = Field("", description="One line about what the suite measures.")
+    note: str = Field("", description="Printed under the results table: what these scores can and cannot show.")
     system_prompt: str | None = Field(
         None, description="System message for every prompt; default: the recipe's data.system_prompt, as in training."
     )
