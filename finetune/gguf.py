@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune import parity, runs
+from finetune import gguf_check, parity, runs
 from finetune.errors import FinetuneError
 from finetune.inference import training_tokenizer
 from finetune.merge import merge
@@ -22,9 +23,7 @@ from finetune.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-GGUF_OUTTYPES = ("f32", "f16", "q8_0")
-
-GGUF_F32_THRESHOLD = 1e-3
+GGUF_OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 def _gguf():
@@ -39,27 +38,37 @@ def _gguf():
     return gguf
 
 
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| "
-    r"?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# llama.cpp names a byte-level BPE tokenizer's pre-tokenizer (how it splits text before merging) by the sha256 of
+# str(tokenizer.encode(CHKTXT)) (convert_hf_to_gguf.py, get_vocab_base_pre); it refuses a name it does not know.
+# The text and the hashes of the Llama-architecture families are facts taken from it.
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n"
+    "\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
+    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2, 3.3
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
+}
 
 
-def _pre_tokenizer(tokenizer_json: dict, where: Path) -> str:
-    """llama.cpp's name for how this byte-level BPE splits text before merging."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT:
-        return "llama-bpe"
-    raise FinetuneError(
-        f"{where}/tokenizer.json: pre-tokenizer {kinds} is not one GGUF export knows (GPT-2, SmolLM or Llama-3 "
-        "byte-level BPE); export safetensors instead"
-    )
+def pre_tokenizer(tokenizer, where: Path) -> str:
+    """llama.cpp's name for how this byte-level BPE tokenizer splits text; an unknown tokenizer is refused, never
+    written with a guess (llama.cpp would refuse the file, or tokenize differently from training)."""
+    digest = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise FinetuneError(
+            f"{where}: the tokenizer ({type(tokenizer).__name__}, pre-tokenizer hash {digest[:16]}) is not one "
+            "llama.cpp knows (SmolLM2, Llama 3, GPT-2 byte-level BPE); GGUF export refuses to guess; export "
+            "safetensors instead"
+        )
+    return PRE_TOKENIZERS[digest]
 
 
 def _vocab(tokenizer, n_vocab: int, where: Path):
@@ -220,7 +229,7 @@ def _write_metadata(writer, config, name: str, outtype: str, merged_dir: Path, t
         )
     tokens, types = _vocab(tokenizer, config.vocab_size, merged_dir)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer_json, merged_dir))
+    writer.add_tokenizer_pre(pre_tokenizer(tokenizer, merged_dir))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=config.vocab_size)
@@ -263,14 +272,16 @@ def export(
 ) -> Path:
     """Write NAME-OUTTYPE.gguf and an Ollama Modelfile for a run folder (merging first if needed) or a merged folder.
 
-    Output goes to RUN_DIR/gguf (or OUTPUT). With verify, the GGUF is read back before it is put in place and
-    its logits and greedy text are compared with the merged model; the figures go to export.json beside it.
+    Output goes to RUN_DIR/gguf (or OUTPUT). f32, f16 and q8_0 are written directly; K-quants (q4_k_m, q5_k_m,
+    q6_k) are made from an f16 file by llama.cpp's quantizer. With verify, the file is checked in llama.cpp (see
+    gguf_check) before it is put in place; the figures, and which verifier ran, go to export.json beside it.
     """
     from transformers import AutoConfig
 
     if outtype not in GGUF_OUTTYPES:
         raise FinetuneError(f"export --gguf: expected one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
-    gguf = _gguf()
+    if outtype in gguf_check.KQUANT_TYPES and gguf_check.llama_cpp_version() is None:
+        gguf_check.quantize(Path(), Path(), outtype)  # the one-line error, before anything is merged or written
     start = time.perf_counter()
     merged_dir, run_dir, recipe = _resolve_export_source(Path(path))
     out_dir = (
@@ -286,26 +297,30 @@ def export(
             f"{merged_dir}: model type {config.model_type!r}; GGUF export supports Llama-architecture models only"
         )
     tokenizer = training_tokenizer(merged_dir)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
     runs.remove_partials(target)
     figures = {"file": target.name, "outtype": outtype}
+    # Checked before it is put in place: a file that does not reproduce the model is never left behind.
     with runs.staged(target) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        _write_metadata(writer, config, name, outtype, merged_dir, tokenizer, head_dim)
-        figures["tensors"] = _write_tensors(writer, merged_dir, config, outtype, head_dim)
-        writer.close()
+        if outtype in gguf_check.KQUANT_TYPES:
+            # The f16 file the quantizer reads is scratch, beside the target (same disk), removed in any case.
+            f16 = tmp.with_name(f"{tmp.name}-f16")
+            try:
+                figures["tensors"] = _write(f16, config, name, "f16", merged_dir, tokenizer)
+                gguf_check.quantize(f16, tmp, outtype)
+                if verify:
+                    figures.update(
+                        gguf_check.compare_quant(f16, tmp, heldout_texts(recipe, tokenizer), outtype, target.name)
+                    )
+            finally:
+                f16.unlink(missing_ok=True)
+        else:
+            figures["tensors"] = _write(tmp, config, name, outtype, merged_dir, tokenizer)
+            if verify:
+                figures.update(gguf_check.verify(tmp, merged_dir, outtype))
         figures.update(bytes=tmp.stat().st_size, seconds=round(time.perf_counter() - start, 1))
-        log.info(
-            "wrote %s (%d tensors, %.1f MB, %.1f s)",
-            target,
-            figures["tensors"],
-            figures["bytes"] / 1e6,
-            figures["seconds"],
-        )
-        if verify:
-            # Checked before it is put in place: a file that does not reproduce the model is never left behind.
-            figures.update(check(tmp, merged_dir, outtype))
+    log.info(
+        "wrote %s (%d tensors, %.1f MB, %.1f s)", target, figures["tensors"], figures["bytes"] / 1e6, figures["seconds"]
+    )
     modelfile = write_modelfile(target, tokenizer.chat_template, recipe.data.system_prompt if recipe else None, config)
     figures["modelfile"] = modelfile.name
     report = runs.read_json(out_dir / "export.json") or {}
@@ -313,6 +328,36 @@ def export(
     report.setdefault("files", {})[target.name] = figures
     runs.write_json(out_dir / "export.json", report)
     return target
+
+
+def _write(path: Path, config, name: str, outtype: str, merged_dir: Path, tokenizer) -> int:
+    """The GGUF file itself: metadata, vocabulary, chat template, then the tensors; returns the tensor count."""
+    gguf = _gguf()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _write_metadata(writer, config, name, outtype, merged_dir, tokenizer, head_dim)
+    count = _write_tensors(writer, merged_dir, config, outtype, head_dim)
+    writer.close()
+    return count
+
+
+def heldout_texts(recipe: Recipe | None, tokenizer, rows: int = 8) -> list[str]:
+    """Rows no training saw, chat-rendered, for a K-quant's perplexity: the first examples of the run's eval suite
+    with their answers; the parity prompts when the run has no suite (or is a bare merged folder)."""
+    from finetune.eval.prompts import examples
+    from finetune.pipeline import eval_suite
+
+    conversations = [list(m) for m in parity.PROMPTS]
+    suite = eval_suite(recipe) if recipe is not None else None
+    if suite is not None:
+        from finetune.eval import load_suite
+
+        chosen = load_suite(suite)
+        task = next(iter(chosen.tasks.values()))
+        items = examples(task, recipe.data.system_prompt, chosen.seed, n=rows)
+        answer = (lambda it: it["answer"]) if task.kind == "mcq" else (lambda it: it["answer"])
+        conversations = [it["messages"] + [{"role": "assistant", "content": answer(it)}] for it in items]
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
 
 
 def _write_tensors(writer, merged_dir: Path, config, outtype: str, head_dim: int) -> int:
@@ -351,44 +396,6 @@ def _write_tensors(writer, merged_dir: Path, config, outtype: str, head_dim: int
     if rope_freqs is not None:
         writer.write_tensor_data(rope_freqs)
     return len(entries) + (rope_freqs is not None)
-
-
-def check(gguf_path: Path, merged_dir: Path, outtype: str) -> dict:
-    """Load the GGUF back with transformers and compare logits and greedy text with the merged model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
-    tokenizer = training_tokenizer(merged_dir)
-    prompts = parity.prompt_ids(tokenizer)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    reference = parity.logits(merged, prompts)
-    reference_text = parity.greedy(merged, tokenizer, prompts)
-    del merged
-    back = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    figures = parity.compare(reference, parity.logits(back, prompts))
-    texts = parity.greedy(back, tokenizer, prompts)
-    figures["greedy_text_agreement"] = sum(a == b for a, b in zip(reference_text, texts)) / len(texts)
-    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in parity.PROMPTS]
-    figures["tokenization_agreement"] = sum(
-        gguf_tokenizer(t)["input_ids"] == tokenizer(t)["input_ids"] for t in rendered
-    ) / len(rendered)
-    figures["verify_seconds"] = round(time.perf_counter() - start, 1)
-    log.info(
-        "GGUF %s read back: max |Δlogit| %.3g, top-1 agreement %.3f, greedy text agreement %.2f, tokenization "
-        "agreement %.2f",
-        outtype,
-        figures["max_abs_logit_diff"],
-        figures["top1_agreement"],
-        figures["greedy_text_agreement"],
-        figures["tokenization_agreement"],
-    )
-    if outtype == "f32" and not figures["max_abs_logit_diff"] <= GGUF_F32_THRESHOLD:
-        raise FinetuneError(
-            f"{merged_dir}: the f32 GGUF read back differs from the merged model by max |Δlogit| "
-            f"{figures['max_abs_logit_diff']:.3g}; nothing was written; report this"
-        )
-    return figures
 
 
 def describe(path: Path) -> str:

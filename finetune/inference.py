@@ -49,18 +49,39 @@ def load_merged(folder: Path, dtype: torch.dtype):
     return model, training_tokenizer(folder)
 
 
+def chat_prompt(tokenizer, messages: list[dict], device) -> torch.Tensor:
+    """The conversation rendered with the training chat template, ready for the assistant's turn (batch of one)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return torch.tensor([ids["input_ids"]], device=device)
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0) -> str:
-    """The model's reply to a conversation: greedy by default, sampled when temperature > 0."""
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+def continue_ids(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer=None,
+) -> torch.Tensor:
+    """The new token ids after the prompt's: greedy at temperature 0, sampled otherwise; stops at EOS."""
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     output = model.generate(
-        **inputs,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
         **sampling,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return output[0, input_ids.shape[1] :]
+
+
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0) -> str:
+    """The model's reply to a conversation: greedy by default, sampled when temperature > 0."""
+    ids = continue_ids(model, tokenizer, chat_prompt(tokenizer, messages, model.device), max_new_tokens, temperature)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -50,16 +50,15 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompts) -> list[str]:
-    """GREEDY_TOKENS greedy tokens after each prompt, decoded with special tokens kept."""
-    texts = []
-    for ids in prompts:
-        out = model.generate(
+def greedy_ids(model, tokenizer, prompts) -> list[torch.Tensor]:
+    """Each prompt followed by up to GREEDY_TOKENS greedy tokens (ids, batch of one)."""
+    return [
+        model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=GREEDY_TOKENS,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False))
-    return texts
+        for ids in prompts
+    ]

@@ -33,10 +33,7 @@ def plot_loss(metrics: Path, target: Path, title: str = "") -> Path | None:
     ax.set_title(title or "training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(target, format="png")
-    plt.close(fig)
-    return target
+    return _save(plt, fig, target)
 
 
 def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
@@ -62,10 +59,7 @@ def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
     accuracy.set_xlabel("optimizer step")
     accuracy.set_ylabel("reward accuracy (chosen > rejected)")
     fig.suptitle(title or "DPO rewards")
-    fig.tight_layout()
-    fig.savefig(target, format="png")
-    plt.close(fig)
-    return target
+    return _save(plt, fig, target)
 
 
 def plot_eval(result: dict, target: Path) -> Path:
@@ -91,14 +85,16 @@ def plot_eval(result: dict, target: Path) -> Path:
         )
     ax.set_xticks(list(x), [f"{n}\n({r['metric']}, n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score")
-    ax.set_title(f"eval suite {result['suite']}")
+    return _finish(plt, fig, ax, target, "score", f"eval suite {result['suite']}")
+
+
+def _finish(plt, fig, ax, target: Path, ylabel: str, title: str) -> Path:
+    """Labels, legend and grid of a bar chart, then the PNG."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(target, format="png")
-    plt.close(fig)
-    return target
+    return _save(plt, fig, target)
 
 
 def plot_sweep(result: dict, target: Path) -> Path:
@@ -112,11 +108,12 @@ def plot_sweep(result: dict, target: Path) -> Path:
     ax.bar(range(len(rows)), [r["score"] for r in rows], yerr=[low, high], capsize=4, color=colors)
     ax.axhline(rows[0]["base"], color="tab:gray", lw=1, ls="--", label=f"base ({rows[0]['base']:.3f})")
     ax.set_xticks(range(len(rows)), [r["variant"].replace(",", "\n") for r in rows], fontsize=7)
-    ax.set_ylabel(f"validation {rows[0]['metric']} ({result['task']})")
-    ax.set_title(f"sweep of {result['recipe']}: the winner in green")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    ylabel = f"validation {rows[0]['metric']} ({result['task']})"
+    return _finish(plt, fig, ax, target, ylabel, f"sweep of {result['recipe']}: the winner in green")
+
+
+def _save(plt, fig, target: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(target, format="png")
+    fig.savefig(target, format="png")  # staged outputs have no .png suffix to go by
     plt.close(fig)
     return target

@@ -229,10 +229,10 @@ class ExportSection(Section):
         description="QLoRA runs: merge into the original base or the dequantized nf4 weights; 'auto' picks the one "
         "that reproduces the trained model.",
     )
-    gguf: Literal["f32", "f16", "q8_0"] | None = Field(
+    gguf: Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] | None = Field(
         None,
-        description="After merging, write RUN_DIR/gguf/NAME-TYPE.gguf and an Ollama Modelfile, verified by reading it "
-        "back.",
+        description="After merging, write RUN_DIR/gguf/NAME-TYPE.gguf and an Ollama Modelfile, verified in llama.cpp "
+        "(K-quants are made by llama.cpp's quantizer and need `make setup-llamacpp`).",
     )
 
 

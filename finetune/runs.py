@@ -140,6 +140,15 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_report(folder: Path, stem: str, result: dict, markdown: str, plot) -> None:
+    """STEM.json, STEM.md and STEM.png (drawn by plot(result, path)) in the folder, each written atomically."""
+    write_json(folder / f"{stem}.json", result)
+    write_text(folder / f"{stem}.md", markdown)
+    with staged(folder / f"{stem}.png") as tmp:
+        plot(result, tmp)
+    log.info("wrote %s, %s.md, %s.png", folder / f"{stem}.json", stem, stem)
+
+
 def read_json(path: Path) -> dict | None:
     """A run output's JSON, None when it is not there; a damaged one is an error that says how to recover."""
     if not path.is_file():

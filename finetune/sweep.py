@@ -236,7 +236,4 @@ def markdown(result: dict) -> str:
 
 
 def write_report(result: dict, root: Path) -> None:
-    runs.write_json(root / "sweep.json", result)
-    runs.write_text(root / "sweep.md", markdown(result))
-    with runs.staged(root / "sweep.png") as tmp:
-        plots.plot_sweep(result, tmp)
+    runs.write_report(root, "sweep", result, markdown(result), plots.plot_sweep)

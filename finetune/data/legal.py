@@ -20,6 +20,7 @@ CONTEXT_CHARS = 3000
 BM25_K1, BM25_B = 1.5, 0.75
 GAP = "\n[...]\n"
 
+CC_BY = "CC BY 4.0"
 CONTRACTNLI_LABELS = ("Entailment", "Contradiction", "NotMentioned")
 CONTRACTNLI_INSTRUCTION = (
     "The context is an excerpt from a non-disclosure agreement. Decide whether the agreement entails the "
@@ -186,7 +187,7 @@ def _excerpt(text: str, spans: list[list[int]], chosen: list[int]) -> str:
     return lead + body + tail
 
 
-@readers.reader("contractnli", "mcq", records=contractnli_records, card="legal/contractnli.md", license="CC BY 4.0")
+@readers.reader("contractnli", "mcq", records=contractnli_records, card="legal/contractnli.md", license=CC_BY)
 def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """ContractNLI (train/dev/test.json): one NDA x hypothesis pair -> Entailment / Contradiction / NotMentioned;
     context = the contract's spans that best match the hypothesis (BM25, label-blind), in document order, up to 3,000
@@ -271,7 +272,9 @@ def cuad_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
                 yield f"{where} ({category} asked as {asked})", {**record, "asked": asked, "answer": "No"}
 
 
-@readers.reader("cuad", "mcq", records=cuad_records, card="legal/cuad.md", license="CC BY 4.0")
+@readers.reader(
+    "cuad", "mcq", records=cuad_records, card="legal/cuad.md", license="CC BY 4.0", hub="theatticusproject/cuad"
+)
 def cuad_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """CUAD v1 master_clauses.csv: each extracted clause -> Yes for its own clause type and No for a type the contract
     lacks (33 Yes/No categories)."""
@@ -345,7 +348,14 @@ def legalbench_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
         yield where, {"row": record, "labels": labels, "instruction": instruction, "task": task}
 
 
-@readers.reader("legalbench", "mcq", records=legalbench_records, card="legal/legalbench.md", license=LEGALBENCH_LICENSE)
+@readers.reader(
+    "legalbench",
+    "mcq",
+    records=legalbench_records,
+    card="legal/legalbench.md",
+    license=LEGALBENCH_LICENSE,
+    hub="nguha/legalbench",
+)
 def legalbench_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """One LegalBench classification task (tasks/<task>/train.tsv or test.tsv, or nguha/legalbench with config=<task>):
     the card's instruction + the input columns -> one of the answer labels seen in the file."""

@@ -42,7 +42,11 @@ def pubmedqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
             yield f"{source.path}: PMID {pmid}", {"pmid": pmid, **record} if isinstance(record, dict) else record
 
 
-@readers.reader("pubmedqa", "mcq", records=pubmedqa_records, card="medical/pubmedqa.md", license="MIT")
+# Both PubMedQA readers read the same file, with the same splits.
+PUBMEDQA = dict(records=pubmedqa_records, card="medical/pubmedqa.md", license="MIT", hub="qiaojin/PubMedQA")
+
+
+@readers.reader("pubmedqa", "mcq", **PUBMEDQA)
 def pubmedqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """PubMedQA PQA-L (ori_pqal.json): question + abstract -> yes / no / maybe, conclusion as rationale. Splits: test
     (the 500 official test PMIDs), validation (100 of the other 500, fixed), train (the other 400), all."""
@@ -69,7 +73,7 @@ def pubmedqa_convert(record: dict, where: str, source: readers.RawSource) -> dic
     }
 
 
-@readers.reader("pubmedqa_reasoning_free", "mcq", records=pubmedqa_records, card="medical/pubmedqa.md", license="MIT")
+@readers.reader("pubmedqa_reasoning_free", "mcq", **PUBMEDQA)
 def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """PubMedQA PQA-L in the paper's reasoning-free setting: question + the abstract's conclusion -> yes / no / maybe
     (training rows that teach the mapping; the headline score stays `pubmedqa`'s). Same splits.
@@ -88,6 +92,7 @@ def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.Ra
     "mcq",
     card="medical/medmcqa.md",
     license="MIT (MedAgentsBench packaging); MedMCQA upstream open-licensed",
+    hub="openlifescienceai/medmcqa",
 )
 def medmcqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """MedMCQA as packaged by MedAgentsBench (JSONL: question, options{A..D}, answer_idx, answer, realidx; explanation

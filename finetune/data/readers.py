@@ -51,6 +51,7 @@ class Reader:
     license: str = ""
     commercial_use: bool = True
     version: int = 1
+    hub: str = ""  # the data set's Hugging Face Hub id, for model cards' model-index
 
 
 def default_records(source: RawSource) -> Iterator[tuple[str, dict]]:

@@ -38,7 +38,14 @@ log = logging.getLogger(__name__)
 def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: int, seed: int) -> dict:
     """One task's entry in eval.json: headline scores, delta, paired CI, every metric per model."""
     metric = task.metric
-    entry = {"n": len(items), "metric": metric, "kind": task.kind, "shots": task.shots}
+    entry = {
+        "n": len(items),
+        "metric": metric,
+        "kind": task.kind,
+        "shots": task.shots,
+        "reader": task.reader,
+        "split": task.split,
+    }
     for label, result in scored.items():
         entry[label] = mean(result["per_example"][metric])
     entry["metrics"] = {label: {k: mean(v) for k, v in r["per_example"].items()} for label, r in scored.items()}

@@ -100,8 +100,4 @@ def markdown(result: dict) -> str:
 
 def write_report(result: dict, folder: Path) -> None:
     """eval.json, eval.md and eval.png in the folder."""
-    runs.write_json(folder / "eval.json", result)
-    runs.write_text(folder / "eval.md", markdown(result))
-    with runs.staged(folder / "eval.png") as tmp:
-        plots.plot_eval(result, tmp)
-    log.info("wrote %s, eval.md, eval.png", folder / "eval.json")
+    runs.write_report(folder, "eval", result, markdown(result), plots.plot_eval)
