@@ -160,6 +160,9 @@ class TrainSection(Section):
         description="SFT: batch rows of similar length together (batches are still shuffled), so little compute goes "
         "to padding; false keeps a plain shuffled order.",
     )
+    compile: bool = Field(
+        False, description="torch.compile the model for training (measured in benchmarks/RESULTS.md before use)."
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")

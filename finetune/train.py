@@ -120,6 +120,7 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
         gradient_accumulation_steps=train.gradient_accumulation,
         activation_checkpointing=train.gradient_checkpointing,
         weight_decay=train.weight_decay,
+        torch_compile=train.compile,
         max_grad_norm=train.max_grad_norm,
         # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
         activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,

@@ -25,15 +25,57 @@ def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     (report_file,) = tmp_path.glob("sft-*.json")
     report = json.loads(report_file.read_text())
-    baseline, ours = report["results"]
-    assert (baseline["variant"], ours["variant"]) == ("baseline", "ours")
+    baseline, tuned, ours = report["results"]
+    assert (baseline["variant"], tuned["variant"], ours["variant"]) == ("baseline", "baseline-tuned", "ours")
     assert report["data"]["rows"] == 4 and report["data"]["steps"] == 2
     assert 0 < report["data"]["trained_tokens"] < report["data"]["real_tokens"]
-    for result in (baseline, ours):
+    for result in (baseline, tuned, ours):
         assert len(result["losses"]) == 2 and result["effective_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
         assert 0 < result["utilization_pct"] < 100
     # The same rows in other batches, from the same base (LoRA starts as a no-op): similar loss per token.
     assert ours["mean_loss"] == pytest.approx(baseline["mean_loss"], rel=0.15)
+    assert tuned["mean_loss"] == pytest.approx(baseline["mean_loss"], rel=0.15)
     assert report["speedup"] == round(ours["effective_tokens_per_s"] / baseline["effective_tokens_per_s"], 2)
-    assert "| baseline |" in (tmp_path / report_file.name.replace(".json", ".md")).read_text()
+    assert report["speedup_vs_tuned"] == round(ours["effective_tokens_per_s"] / tuned["effective_tokens_per_s"], 2)
+    markdown = (tmp_path / report_file.name.replace(".json", ".md")).read_text()
+    assert "| baseline |" in markdown and "| baseline-tuned |" in markdown and "| vs tuned |" in markdown
     assert not list(tmp_path.glob("*.jsonl")), "the data rows must not be left in the output folder"
+
+
+@pytest.mark.slow
+def test_the_scaling_smoke_run_measures_both_variants_at_one_point(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "scaling.py"), "--smoke", "--out", str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_file,) = tmp_path.glob("scaling-*.json")
+    (point,) = json.loads(report_file.read_text())["points"]
+    assert (point["length"], point["rank"]) == (256, 16)
+    for variant in ("baseline-tuned", "ours"):
+        assert point[variant]["tokens_per_s"] > 0 and point[variant]["peak_rss_mb"] > 0
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_dry_run_trains_every_variant_on_the_cpu(tmp_path):
+    done = subprocess.run(
+        ["bash", str(PROJECT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+        env={**env(), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_file,) = tmp_path.glob("gpu-*.json")
+    report = json.loads(report_file.read_text())
+    assert report["dry_run"] and report["steps"] == 2
+    assert [(r["model"], r["variant"]) for r in report["results"]] == [
+        ("tiny-llama3", "trl-lora"),
+        ("tiny-llama3", "ours-lora"),
+        ("tiny-llama3", "ours-lora-packing"),
+    ]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in report["results"]), report["results"]

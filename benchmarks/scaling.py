@@ -1,0 +1,163 @@
+"""How cost grows: effective tokens/s and peak RSS against sequence length and LoRA rank, the toolkit against a
+tuned TRL SFTTrainer (benchmarks/baseline_trl.py --tuned), each point one process, the two interleaved.
+
+Rows are real PubMedQA abstracts (../shared/data, else the project's sample) cut to the exact token length, with a
+short answer (the label and the start of the conclusion), so the trained share of each row is the same at every
+length. Lengths 256, 512, 1024, 2048 at rank 16; ranks 8, 16, 64 at length 512. Two optimizer steps of 4 rows
+(micro-batches of 2) per point.
+
+    .venv/bin/python benchmarks/scaling.py              # writes benchmarks/results/scaling-*.json/.md and
+                                                        # benchmarks/scaling.png, appends the table to RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sft_speed  # noqa: E402 - the workers and measurements are sft_speed's
+
+ROOT = sft_speed.ROOT
+LENGTHS = (256, 512, 1024, 2048)
+RANKS = (8, 16, 64)
+ROWS, BATCH = 8, 4
+ANSWER_TOKENS = 32
+
+
+def rows_of_length(length: int, target: Path) -> int:
+    """ROWS chat rows of exactly `length` tokens with the training template; returns the trained tokens."""
+    from finetune import model as model_lib
+    from finetune import recipe as recipe_lib
+    from finetune.data.build import IGNORE, read_source, tokenize
+
+    tokenizer = model_lib.load_tokenizer(sft_speed.embedded_dir(), recipe_lib.ModelSection())
+    source = sft_speed.SHARED_PUBMEDQA if sft_speed.SHARED_PUBMEDQA.is_file() else sft_speed.SAMPLE_PUBMEDQA
+    _, items, _ = read_source(recipe_lib.SourceSection(path=str(source), reader="pubmedqa", split="all"), "error", 0)
+    text = "\n".join(item["context"] for item in items)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows, trained = [], 0
+    for i in range(ROWS):
+        answer_ids = tokenizer(items[i]["explanation"] or "yes", add_special_tokens=False)["input_ids"]
+        answer = f"{items[i]['answer']}\n\n" + tokenizer.decode(answer_ids[:ANSWER_TOKENS])
+        overhead = len(
+            tokenize(tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": answer}])[
+                "input_ids"
+            ]
+        )
+        start = i * length
+        prompt = tokenizer.decode(ids[start : start + length - overhead])
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        # Decoding and re-encoding can move a token boundary: trim the prompt until the row fits exactly or under.
+        while len(tokenize(tokenizer, messages)["input_ids"]) > length:
+            messages[0]["content"] = messages[0]["content"][:-8]
+        tokens = tokenize(tokenizer, messages)
+        trained += sum(label != IGNORE for label in tokens["labels"])
+        rows.append({"messages": messages})
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return trained
+
+
+def point(variant: str, rows_file: Path, trained: int, rank: int) -> dict:
+    result = sft_speed.spawn(variant, rows_file, ROWS // BATCH, BATCH, rank=rank)
+    return {
+        "tokens_per_s": round(trained / result["train_runtime_s"], 2),
+        "peak_rss_mb": result["peak_rss_mb"],
+        "mean_loss": round(sum(result["losses"]) / len(result["losses"]), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
+    parser.add_argument("--smoke", action="store_true", help="CI: one point (256 tokens, rank 16), nothing appended")
+    a = parser.parse_args()
+    if a.smoke:
+        a.lengths, a.ranks = "256", "16"
+    scratch = Path(tempfile.mkdtemp(prefix="scaling-"))
+    grid = [(length, 16) for length in map(int, a.lengths.split(","))]
+    grid += [(512, rank) for rank in map(int, a.ranks.split(",")) if (512, rank) not in grid]
+    points = []
+    for i, (length, rank) in enumerate(grid):
+        rows_file = scratch / f"rows-{length}.jsonl"
+        trained = rows_of_length(length, rows_file)
+        order = ("baseline-tuned", "ours") if i % 2 == 0 else ("ours", "baseline-tuned")
+        measured = {}
+        for variant in order:
+            print(f"length {length}, rank {rank}: {variant}", file=sys.stderr, flush=True)
+            measured[variant] = point(variant, rows_file, trained, rank)
+        points.append({"length": length, "rank": rank, **measured})
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": sft_speed.machine(),
+        "rows": ROWS,
+        "batch": BATCH,
+        "points": points,
+    }
+    stamp = report["date"].replace(":", "")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"scaling-{stamp}.json").write_text(json.dumps(report, indent=2))
+    markdown = render(report)
+    (a.out / f"scaling-{stamp}.md").write_text(markdown)
+    plot(report, a.out / "scaling.png" if a.smoke else ROOT / "benchmarks" / "scaling.png")
+    if not a.smoke:
+        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
+            f.write("\n" + markdown)
+    print(markdown)
+
+
+def render(report: dict) -> str:
+    lines = [
+        f"## Scaling, {report['date'][:10]}: sequence length and LoRA rank (benchmarks/scaling.py)",
+        "",
+        f"{report['rows']} rows of exactly the given length, {report['rows'] // report['batch']} steps of "
+        f"{report['batch']} (micro-batches of 2); effective tokens/s (tokens that count in the loss) and peak RSS.",
+        "",
+        "| length | rank | tuned TRL tok/s | ours tok/s | ours / tuned | tuned RSS MB | ours RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in report["points"]:
+        tuned, ours = p["baseline-tuned"], p["ours"]
+        lines.append(
+            f"| {p['length']} | {p['rank']} | {tuned['tokens_per_s']} | {ours['tokens_per_s']} | "
+            f"{ours['tokens_per_s'] / tuned['tokens_per_s']:.2f}x | {tuned['peak_rss_mb']:.0f} | "
+            f"{ours['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, key, fixed in ((axes[0], "length", ("rank", 16)), (axes[1], "rank", ("length", 512))):
+        points = [p for p in report["points"] if p[fixed[0]] == fixed[1]]
+        xs = [p[key] for p in points]
+        for variant, color in (("baseline-tuned", "tab:gray"), ("ours", "tab:blue")):
+            ax.plot(xs, [p[variant]["tokens_per_s"] for p in points], "o-", color=color, label=f"{variant} tok/s")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"{key} ({fixed[0]} {fixed[1]})")
+        ax.set_ylabel("effective tokens/s")
+        twin = ax.twinx()
+        for variant, color in (("baseline-tuned", "tab:gray"), ("ours", "tab:blue")):
+            twin.plot(xs, [p[variant]["peak_rss_mb"] / 1024 for p in points], "s--", color=color, alpha=0.5)
+        twin.set_ylabel("peak RSS GB (dashed)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("cost against sequence length and LoRA rank")
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
