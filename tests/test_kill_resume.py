@@ -3,6 +3,7 @@ ends where an uninterrupted run ends; a full disk is one line and loses nothing.
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import subprocess
@@ -42,6 +43,10 @@ def assert_resumes_to_the_reference(recipe: str, out: Path, reference_out: Path,
     expected = load_file(reference_out / "adapter" / "adapter_model.safetensors")
     got = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    # run.json's loss figures come from metrics.jsonl: the resumed run's summary equals the uninterrupted one's.
+    summary, reference = (json.loads((o / "run.json").read_text()) for o in (out, reference_out))
+    assert summary["last_loss"] == pytest.approx(reference["last_loss"], abs=1e-4)
+    assert summary["mean_loss"] == pytest.approx(reference["mean_loss"], abs=1e-4)
 
 
 @pytest.mark.slow
