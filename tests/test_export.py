@@ -11,7 +11,7 @@ import torch
 from run_dirs import make_run
 
 from finetune import gguf as gguf_export
-from finetune import gguf_check, merge, modelfile
+from finetune import gguf_check, gguf_vocab, merge, modelfile
 from finetune.errors import FinetuneError
 
 
@@ -189,7 +189,7 @@ def test_gguf_round_trip(merged_run, monkeypatch, verifier, outtype, limit):
     # llama.cpp's name for SmolLM2's tokenizer (the hash of a fixed text's tokens): "gpt2" would not load.
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "smollm"
     training_template = (merged_run / "adapter" / "chat_template.jinja").read_text()
-    assert fields["tokenizer.chat_template"] == gguf_export.gguf_chat_template(training_template)
+    assert fields["tokenizer.chat_template"] == gguf_vocab.gguf_chat_template(training_template)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_run / "merged")
@@ -240,7 +240,7 @@ def test_a_gguf_llama_cpp_refuses_is_never_left_behind(merged_run, monkeypatch):
     """The file the old writer made (pre-tokenizer "gpt2", which llama.cpp does not know) fails verification in
     llama.cpp, and nothing is put in place."""
     llama_cpp_verifier()
-    monkeypatch.setattr(gguf_export, "pre_tokenizer", lambda tokenizer, where: "gpt2")
+    monkeypatch.setattr(gguf_vocab, "pre_tokenizer", lambda tokenizer, where: "gpt2")
     out = merged_run / "refused"
     with pytest.raises(FinetuneError, match=r"llama.cpp cannot load the GGUF just written"):
         gguf_export.export(merged_run, "f16", output=out)
@@ -283,7 +283,7 @@ def test_modelfile_follows_the_training_template_family():
 def test_gguf_template_renders_like_the_training_template(tokenizer):
     """The GGUF gets the template without {% generation %} tags (only transformers knows them); same output."""
     training = tokenizer.chat_template
-    plain = gguf_export.gguf_chat_template(training)
+    plain = gguf_vocab.gguf_chat_template(training)
     assert not re.search(r"\{%-?\s*(end)?generation", plain)
     conversations = [
         [{"role": "user", "content": "hi"}],
@@ -363,3 +363,36 @@ def test_gguf_of_a_llama_3_tokenizer(tmp_path, verify):
         figures = json.loads((run / "gguf" / "export.json").read_text())["files"][path.name]
         assert figures["max_abs_logit_diff"] < 0.05 and figures["tokenization_agreement"] == 1.0
         assert figures["greedy_text_agreement"] == 1.0
+
+
+def test_gguf_of_a_llama_2_sentencepiece_tokenizer(tmp_path):
+    """SentencePiece goes in as llama.cpp's SPM vocabulary: the pieces' scores from tokenizer.model (which the merge
+    copies beside the weights), tokenizer model "llama", pre-tokenizer "default", no merges."""
+    from run_dirs import llama2_base
+
+    run = make_run(tmp_path / "run", llama2_base(tmp_path / "base"), model={"chat_template": "chatml"})
+    merge.merge(run)
+    assert (run / "merged" / "tokenizer.model").read_bytes() == (tmp_path / "base" / "tokenizer.model").read_bytes()
+    path = gguf_export.export(run, "f32", verify=False)
+    reader, fields = read_gguf(path)
+    assert (fields["tokenizer.ggml.model"], fields["tokenizer.ggml.pre"]) == ("llama", "default")
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(scores) == len(tokens) == 1002 and scores[-1] == -1000.0 and tokens[-1] == "<|im_end|>"
+    assert "tokenizer.ggml.merges" not in reader.fields and fields["tokenizer.ggml.add_bos_token"] is True
+
+
+@pytest.mark.slow
+def test_a_sentencepiece_gguf_that_llama_cpp_tokenizes_differently_is_refused(tmp_path):
+    """llama.cpp puts a space marker before text that follows a special token (SentencePiece's legacy spacing);
+    transformers 5 reloads Llama tokenizers without it, so with ChatML markers the prompts differ by a token. The
+    check sees it and nothing is written: a user of the GGUF would get other tokens than training saw."""
+    from run_dirs import llama2_base
+
+    llama_cpp_verifier()
+    run = make_run(tmp_path / "run", llama2_base(tmp_path / "base"), model={"chat_template": "chatml"})
+    with pytest.raises(
+        FinetuneError, match=r"does not reproduce the merged model in llama.cpp .*tokenization agreement"
+    ):
+        gguf_export.export(run, "f16")
+    assert not list((run / "gguf").glob("*.gguf"))
