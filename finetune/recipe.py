@@ -64,6 +64,13 @@ class AdapterSection(Section):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices (and biases, norms, DoRA magnitudes) learn at train.learning_rate times "
+        "this ratio, the A matrices at train.learning_rate (PEFT's LoRA+ optimizer; the paper suggests 16). "
+        "Unset: one learning rate for all.",
+    )
 
 
 class ReaderInput(Section):

@@ -253,6 +253,10 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
     trainer = (dpo_trainer if dpo else sft_trainer)(
         recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out
     )
+    if recipe.adapter.loraplus_lr_ratio is not None:
+        # Only SFTTrainer takes optimizer_cls_and_kwargs as an argument; every Trainer reads the attribute when it
+        # builds the optimizer, after TRL has wrapped the PEFT model.
+        trainer.optimizer_cls_and_kwargs = adapters.loraplus_optimizer(recipe.adapter, trainer.args)
     # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
     # so keep trainable weights in the compute dtype.
     dtype = model_lib.compute_dtype(recipe.model)

@@ -172,3 +172,33 @@ def test_a_second_run_into_the_same_folder_refuses(tmp_path, tiny_llama_dir):
         with pytest.raises(FinetuneError, match="another run is writing there right now"):
             train.run(recipe)
     assert not (recipe.output_dir / "run.json").exists()
+
+
+def test_loraplus_trains_b_matrices_at_lr_times_ratio_and_resumes_to_the_same_weights(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    trainers = []
+    save = train.save_adapter
+    monkeypatch.setattr(train, "save_adapter", lambda trainer, *a: (trainers.append(trainer), save(trainer, *a)))
+    recipe = tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3)
+    recipe.adapter.loraplus_lr_ratio = 16
+    uninterrupted = train.run(recipe)
+    names = {id(p): n for n, p in trainers[0].model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in trainers[0].optimizer.param_groups for p in group["params"]}
+    assert rates and {n for n in rates if "lora_" not in n} == set()
+    assert [lr for n, lr in rates.items() if "lora_B" in n] == pytest.approx([5e-3 * 16] * 14)  # 7 modules x 2 layers
+    assert [lr for n, lr in rates.items() if "lora_A" in n] == pytest.approx([5e-3] * 14)
+
+    # The optimizer state a checkpoint saves has LoRA+'s groups, and a resumed run continues them exactly.
+    interrupted = tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3)
+    interrupted.adapter.loraplus_lr_ratio = 16
+    out = train.run(interrupted)
+    for name in ("run.json", "loss.png"):
+        (out / name).unlink()
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    train.run(interrupted)
+    first = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(first[k], resumed[k], atol=1e-6) for k in first)
+    assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
