@@ -178,9 +178,23 @@ class TrainSection(Section):
         "checkpoint in output_dir/checkpoints by itself.",
     )
     eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval_fraction > 0).")
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every logged step and, after `finetune run`, the evaluation's "
+        "scores; offline, in the run folder: tb/ (TensorBoard), mlruns/ (MLflow file store), trackio/, wandb/ (offline "
+        "mode). Each needs its extra: pip install -e '.[tensorboard]'.",
+    )
     output_dir: str = Field(
         "runs/{name}", description="Where the run writes; '{name}' is the recipe name. Relative to the current folder."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value):
+        # `report_to: tensorboard` and `report_to: none`, as the Trainer's own argument is often written.
+        if value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 DPO_LOSSES = (

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from finetune import adapters, distributed, plots, runs
+from finetune import adapters, distributed, plots, runs, tracking
 from finetune import model as model_lib
 from finetune.config import resolve_path
 from finetune.data.build import build, build_preferences
@@ -136,7 +136,9 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
         fp16=dtype == torch.float16 and not on_cpu,
         use_cpu=on_cpu,
         max_length=recipe.data.max_length,
-        report_to="none",
+        report_to=list(train.report_to) or "none",
+        run_name=tracking.run_name(out),
+        project=recipe.name,  # trackio's project
         logging_first_step=True,
         # The default filter logs a NaN loss as 0, which would hide exactly what the guard looks for.
         logging_nan_inf_filter=False,
@@ -196,6 +198,7 @@ def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter (continuing train.init_from's when set); returns the run folder."""
     out = recipe.output_dir
+    tracking.check(recipe)
     start_adapter = init_adapter(recipe)
     named = named_resume(recipe)
     # The main process converts the model and fills the token cache; the others then read them.
@@ -211,7 +214,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             runs.prepare(out, overwrite)
     try:
         resume = named or runs.last_checkpoint(runs.RunFolder(out).checkpoints)
-        with runs.exclusive(out):
+        with runs.exclusive(out), tracking.environment(recipe, out):
             return _train(recipe, out, model, tokenizer, data, start_adapter, resume)
     except BaseException as e:
         # A run that failed before its first logged step leaves no folder behind; one that trained keeps its
