@@ -1,0 +1,116 @@
+"""The TRL trainer of each train.method, configured from the recipe: SFT, DPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune import adapters, runs, tracking
+from finetune import model as model_lib
+from finetune.recipe import Recipe
+
+
+def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
+    """Trainer arguments every method shares."""
+    train = recipe.train
+    on_cpu = model_lib.device() == "cpu"
+    dtype = model_lib.compute_dtype(recipe.model)
+    return dict(
+        output_dir=str(runs.RunFolder(out).checkpoints),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        activation_checkpointing=train.gradient_checkpointing,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        # TRL defaults to bf16, which CPUs run ~17x slower than fp32 (and most refuse); follow the compute dtype.
+        bf16=dtype == torch.bfloat16 and not on_cpu,
+        fp16=dtype == torch.float16 and not on_cpu,
+        use_cpu=on_cpu,
+        max_length=recipe.data.max_length,
+        report_to=list(train.report_to) or "none",
+        run_name=tracking.run_name(out),
+        project=recipe.name,  # trackio's project
+        logging_first_step=True,
+        # The default filter logs a NaN loss as 0, which would hide exactly what the guard looks for.
+        logging_nan_inf_filter=False,
+        disable_tqdm=False,
+    )
+
+
+def trainer_inputs(model, tokenizer, data, peft_config, callbacks) -> dict:
+    """What every TRL trainer is given besides its config."""
+    return dict(
+        model=model,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    from trl import SFTConfig
+
+    from finetune.batching import LeftPaddingCollator
+    from finetune.trainers import EpochSeededSFTTrainer, TrainedPositionsSFTTrainer
+
+    args = SFTConfig(
+        **common_args(recipe, out, data.eval is not None),
+        train_sampling_strategy="group_by_length" if recipe.train.group_by_length else "random",
+        # Rows arrive tokenized with assistant-only labels from data.build.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
+    trainer_class, collator = EpochSeededSFTTrainer, None
+    if model_lib.device() == "cpu":
+        # TRL's fused LM head scores every position where Triton does not run: project only the trained ones.
+        trainer_class, collator = TrainedPositionsSFTTrainer, LeftPaddingCollator(tokenizer.pad_token_id)
+    return trainer_class(
+        args=args, data_collator=collator, **trainer_inputs(model, tokenizer, data, peft_config, callbacks)
+    )
+
+
+def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    """DPO with no second copy of the weights: the reference is the base with the adapter disabled, or,
+    when continuing an adapter (init_from), TRL's frozen copy of that adapter."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        **common_args(recipe, out, data.eval is not None),
+        beta=recipe.dpo.beta,
+        loss_type=[recipe.dpo.loss_type],
+        label_smoothing=recipe.dpo.label_smoothing,
+        precompute_ref_log_probs=recipe.dpo.precompute_ref_log_probs,
+    )
+    return DPOTrainer(args=args, **trainer_inputs(model, tokenizer, data, peft_config, callbacks))
+
+
+TRAINERS = {"sft": sft_trainer, "dpo": dpo_trainer}
+
+
+def trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    """The recipe's trainer, ready to train."""
+    built = TRAINERS[recipe.train.method](recipe, model, tokenizer, data, peft_config, callbacks, out)
+    if recipe.adapter.loraplus_lr_ratio is not None:
+        # Only SFTTrainer takes optimizer_cls_and_kwargs as an argument; every Trainer reads the attribute when it
+        # builds the optimizer, after TRL has wrapped the PEFT model.
+        built.optimizer_cls_and_kwargs = adapters.loraplus_optimizer(recipe.adapter, built.args)
+    return built
