@@ -1,14 +1,51 @@
-"""The TRL trainer of each train.method, configured from the recipe: SFT, DPO."""
+"""The TRL trainer of each train.method, configured from the recipe (SFT, packed or not; DPO), and what the recipe
+asks of the machine (trackers installed, Liger on a GPU, the attention kernel packed rows use)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 import torch
 
 from finetune import adapters, runs, tracking
 from finetune import model as model_lib
-from finetune.recipe import Recipe
+from finetune.errors import FinetuneError
+from finetune.recipe import ModelSection, Recipe
+
+log = logging.getLogger(__name__)
+
+
+def check(recipe: Recipe) -> None:
+    """What the recipe asks of this machine, checked before anything is read or written."""
+    tracking.check(recipe)
+    if recipe.train.liger:
+        from transformers.utils import is_liger_kernel_available
+
+        if model_lib.device() != "cuda":
+            raise FinetuneError(
+                "train.liger: Liger's kernels are Triton kernels and need a CUDA GPU, which this machine does not "
+                "have; remove train.liger"
+            )
+        if not is_liger_kernel_available():
+            raise FinetuneError("train.liger: liger-kernel is not installed; pip install -e '.[liger]'")
+
+
+def model_section(recipe: Recipe) -> ModelSection:
+    """The model section training loads. Packed rows on CUDA use flash-attention's varlen kernel when flash_attn is
+    installed and the recipe names no kernel: it attends within each packed row from the position ids, where sdpa
+    builds a block-diagonal mask over the whole row."""
+    section = recipe.model
+    if (
+        recipe.packed
+        and "attn_implementation" not in section.model_fields_set
+        and model_lib.device() == "cuda"
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        log.info("packed rows on CUDA: attention by flash_attention_2 (varlen)")
+        return section.model_copy(update={"attn_implementation": "flash_attention_2"})
+    return section
 
 
 def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
@@ -45,6 +82,7 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
         use_cpu=on_cpu,
         max_length=recipe.data.max_length,
         report_to=list(train.report_to) or "none",
+        use_liger_kernel=train.liger,
         run_name=tracking.run_name(out),
         project=recipe.name,  # trackio's project
         logging_first_step=True,
@@ -67,13 +105,27 @@ def trainer_inputs(model, tokenizer, data, peft_config, callbacks) -> dict:
 
 
 def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    """SFT on rows tokenized by data.build (labels on assistant tokens, or on every token of raw text). Packed rows
+    go through TRL's own preparation, which packs them, and its padding-free collator, which restarts the position
+    ids per row and masks the label of each row's first token; unpacked rows are batched by the toolkit."""
     from trl import SFTConfig
 
     from finetune.batching import LeftPaddingCollator
     from finetune.trainers import EpochSeededSFTTrainer, TrainedPositionsSFTTrainer
 
+    inputs = trainer_inputs(model, tokenizer, data, peft_config, callbacks)
+    common = common_args(recipe, out, data.eval is not None)
+    if recipe.packed:
+        args = SFTConfig(
+            **common,
+            packing=True,
+            packing_strategy="bfd",  # rows are never longer than a pack: build drops them
+            train_sampling_strategy="random",  # packs are all about max_length long: nothing to group
+            remove_unused_columns=False,  # the collator reads each pack's seq_lengths
+        )
+        return EpochSeededSFTTrainer(args=args, **inputs)
     args = SFTConfig(
-        **common_args(recipe, out, data.eval is not None),
+        **common,
         train_sampling_strategy="group_by_length" if recipe.train.group_by_length else "random",
         # Rows arrive tokenized with assistant-only labels from data.build.
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -83,9 +135,7 @@ def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
     if model_lib.device() == "cpu":
         # TRL's fused LM head scores every position where Triton does not run: project only the trained ones.
         trainer_class, collator = TrainedPositionsSFTTrainer, LeftPaddingCollator(tokenizer.pad_token_id)
-    return trainer_class(
-        args=args, data_collator=collator, **trainer_inputs(model, tokenizer, data, peft_config, callbacks)
-    )
+    return trainer_class(args=args, data_collator=collator, **inputs)
 
 
 def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):

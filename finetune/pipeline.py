@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import distributed, runs, tracking, train
+from finetune import distributed, methods, runs, tracking, train
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
@@ -56,7 +56,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Outcome | None:
     from finetune import eval as evaluation
     from finetune import gguf, merge
 
-    tracking.check(recipe)
+    methods.check(recipe)
     suite = eval_suite(recipe)
     train_parent_first(recipe)
     out = train.run(recipe, overwrite=overwrite)

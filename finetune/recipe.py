@@ -167,6 +167,18 @@ class TrainSection(Section):
         description="SFT: batch rows of similar length together (batches are still shuffled), so little compute goes "
         "to padding; false keeps a plain shuffled order.",
     )
+    packing: bool = Field(
+        False,
+        description="SFT: pack rows into sequences of data.max_length (TRL's best-fit padding-free packing: position "
+        "ids restart per row, no attention across rows; flash-attention's varlen kernel on CUDA when flash_attn is "
+        "installed and model.attn_implementation is not set). Pays on GPUs; on CPU it is slower (README, Speed). "
+        "Raw-text sources are always packed.",
+    )
+    liger: bool = Field(
+        False,
+        description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) through the Trainer's use_liger_kernel: less "
+        "memory and faster steps on CUDA GPUs; needs the liger extra. Refused on CPU.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
@@ -307,6 +319,11 @@ class Recipe(Section):
             raise ValueError("train.eval_steps needs held-out rows: set data.eval_fraction above 0 (e.g. 0.1)")
         if self.export.gguf and not self.export.merge:
             raise ValueError("export.gguf needs the merged model: set export.merge: true")
+        if self.train.packing and self.train.method != "sft":
+            raise ValueError(
+                f"train.packing packs SFT rows, and train.method {self.train.method} trains on preference rows, "
+                "which are not packed; remove train.packing"
+            )
         if self.dpo is not None and self.train.method != "dpo":
             raise ValueError("the dpo section is only used with train.method: dpo; remove it or set the method")
         if self.train.method == "dpo":
@@ -324,6 +341,11 @@ class Recipe(Section):
         if self.train.method == "dpo" and self.dpo is None:
             self.dpo = DpoSection()
         return self
+
+    @property
+    def packed(self) -> bool:
+        """Whether training packs rows into data.max_length sequences."""
+        return self.train.packing
 
     @property
     def output_dir(self) -> Path:

@@ -106,7 +106,7 @@ def trim_metrics(path: Path, step: int) -> None:
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter (continuing train.init_from's when set); returns the run folder."""
     out = recipe.output_dir
-    tracking.check(recipe)
+    methods.check(recipe)
     start_adapter = init_adapter(recipe)
     named = named_resume(recipe)
     # The main process converts the model and fills the token cache; the others then read them.
@@ -115,7 +115,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
         data = build_preferences(recipe, tokenizer) if recipe.train.method == "dpo" else build(recipe, tokenizer)
     runs.check_writable(out, overwrite)
     with distributed.main_first():
-        model, tokenizer = model_lib.load(recipe.model, tokenizer=tokenizer)
+        model, tokenizer = model_lib.load(methods.model_section(recipe), tokenizer=tokenizer)
     fresh = not out.exists()
     with distributed.main_first():
         if distributed.is_main():
@@ -205,6 +205,8 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": model_lib.device(),
+        "attention": trainer.model.config._attn_implementation,
+        "packed": recipe.packed,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "data": {k: v for k, v in data.stats.items() if k != "lengths"},
         "versions": runs.versions(),

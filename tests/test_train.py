@@ -202,3 +202,37 @@ def test_loraplus_trains_b_matrices_at_lr_times_ratio_and_resumes_to_the_same_we
     resumed = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(first[k], resumed[k], atol=1e-6) for k in first)
     assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
+
+
+def test_packed_rows_give_the_unpacked_loss_per_token(tmp_path, tiny_llama_dir, monkeypatch):
+    """The first logged loss is computed before any update, on all 8 rows in one step: packing them padding-free
+    (position ids restarting per row, no attention across rows) is the same computation as padded batches."""
+    trainers = []
+    save = train.save_adapter
+    monkeypatch.setattr(train, "save_adapter", lambda trainer, *a: (trainers.append(trainer), save(trainer, *a)))
+    unpacked = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, dropout=0.0, max_steps=1, batch_size=8))
+    packed = train.run(
+        tiny_recipe(tmp_path / "b", tiny_llama_dir, dropout=0.0, max_steps=1, batch_size=8, packing=True)
+    )
+    assert losses(packed) == pytest.approx(losses(unpacked), rel=1e-5)
+    dataset = trainers[1].train_dataset
+    assert len(dataset) < len(ROWS) and sum(len(s) for s in dataset["seq_lengths"]) == len(ROWS)
+    batch = next(iter(trainers[1].get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert int((batch["position_ids"] == 0).sum()) == len(ROWS)  # one start per conversation
+    meta = json.loads((packed / "run.json").read_text())
+    assert meta["packed"] and meta["padding_fraction"] == 0.0 and meta["attention"] == "sdpa"
+
+
+def test_liger_is_refused_on_cpu_before_anything_is_written(tmp_path, tiny_llama_dir, monkeypatch):
+    from finetune import model as model_lib
+
+    monkeypatch.setattr(model_lib, "device", lambda: "cpu")
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, liger=True)
+    with pytest.raises(FinetuneError) as error:
+        train.run(recipe)
+    assert str(error.value) == (
+        "train.liger: Liger's kernels are Triton kernels and need a CUDA GPU, which this machine does not have; "
+        "remove train.liger"
+    )
+    assert not recipe.output_dir.exists()
