@@ -1,10 +1,11 @@
-"""The TRL trainer of each train.method, configured from the recipe (SFT, packed or not; DPO), and what the recipe
-asks of the machine (trackers installed, Liger on a GPU, the attention kernel packed rows use)."""
+"""The TRL trainer of each train.method, configured from the recipe (SFT, packed or not; DPO, KTO, ORPO), and what
+the recipe asks of the machine (trackers installed, Liger on a GPU, the attention kernel packed rows use)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -153,7 +154,35 @@ def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
     return DPOTrainer(args=args, **trainer_inputs(model, tokenizer, data, peft_config, callbacks))
 
 
-TRAINERS = {"sft": sft_trainer, "dpo": dpo_trainer}
+def kto_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    """KTO on unpaired rows. The reference is the base with the adapter disabled, or, when continuing an adapter, TRL's
+    frozen copy of it. Its KL term compares each answer with another row's prompt in the same batch, so TRL samples
+    the rows in order: data.build has shuffled them by seed."""
+    from trl import KTOConfig, KTOTrainer
+
+    args = KTOConfig(
+        **common_args(recipe, out, data.eval is not None),
+        beta=recipe.kto.beta,
+        desirable_weight=recipe.kto.desirable_weight,
+        undesirable_weight=recipe.kto.undesirable_weight,
+        loss_type=recipe.kto.loss_type,
+        precompute_ref_log_probs=recipe.kto.precompute_ref_log_probs,
+    )
+    return KTOTrainer(args=args, **trainer_inputs(model, tokenizer, data, peft_config, callbacks))
+
+
+def orpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
+    """ORPO on preference pairs: the chosen answer's NLL plus an odds-ratio term against the rejected one; no
+    reference model, so one copy of the weights and one forward pass per answer."""
+    # ORPO lives in trl.experimental, which warns on import that its API may change; the version is pinned.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    args = ORPOConfig(**common_args(recipe, out, data.eval is not None), beta=recipe.orpo.beta)
+    return ORPOTrainer(args=args, **trainer_inputs(model, tokenizer, data, peft_config, callbacks))
+
+
+TRAINERS = {"sft": sft_trainer, "dpo": dpo_trainer, "kto": kto_trainer, "orpo": orpo_trainer}
 
 
 def trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):

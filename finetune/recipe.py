@@ -140,10 +140,12 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "kto", "orpo"] = Field(
         "sft",
-        description="'sft' (TRL SFTTrainer, loss on assistant turns only) or 'dpo' (TRL DPOTrainer on preference "
-        "pairs; multiple-choice sources become correct-vs-distractor pairs).",
+        description="'sft' (TRL SFTTrainer, loss on assistant turns only), 'dpo' (TRL DPOTrainer on preference "
+        "pairs; multiple-choice sources become correct-vs-distractor pairs), 'kto' (TRL KTOTrainer on unpaired "
+        "desirable / undesirable answers: the kto reader, or pairs and multiple choice split into them) or 'orpo' "
+        "(TRL's ORPOTrainer on preference pairs: SFT and preference in one pass, no reference model).",
     )
     init_from: str | None = Field(
         None,
@@ -240,6 +242,34 @@ class DpoSection(Section):
     )
 
 
+class KtoSection(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer)."
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Loss weight of desirable answers. With fewer desirable than undesirable rows (multiple choice "
+        "gives one correct answer per distractors), raise it so that weight x count is about equal (TRL's advice).",
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable answers.")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="TRL's KTO loss: kto, or apo_zero_unpaired (no KL term)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Score the reference once before training (faster steps, same logs)."
+    )
+
+
+class OrpoSection(Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Weight of the odds-ratio term next to the chosen answer's NLL (the paper's lambda): higher "
+        "pushes the rejected answer down harder.",
+    )
+
+
 class EvalSection(Section):
     suite: str | None = Field(
         "auto",
@@ -295,6 +325,21 @@ class SweepSection(Section):
     )
 
 
+METHOD_SECTIONS = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection}
+PREFERENCE_READERS = "a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
+# The row kinds each method trains on, what it calls them, and the readers that give them.
+METHOD_ROWS = {
+    "sft": (("sft", "mcq", "qa"), "conversations", "a chat, instruction, multiple-choice or QA reader"),
+    "dpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
+    "orpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
+    "kto": (
+        ("unpaired", "preference", "mcq"),
+        "desirable and undesirable answers",
+        f"the kto reader, {PREFERENCE_READERS}",
+    ),
+}
+
+
 class Recipe(Section):
     name: str = Field(..., description="Recipe name (defaults to the file name).")
     description: str = Field("", description="One line shown by `finetune recipes list`.")
@@ -308,6 +353,12 @@ class Recipe(Section):
     )
     dpo: DpoSection | None = Field(
         None, description="DPO settings; only with train.method: dpo (defaults apply when omitted)."
+    )
+    kto: KtoSection | None = Field(
+        None, description="KTO settings; only with train.method: kto (defaults apply when omitted)."
+    )
+    orpo: OrpoSection | None = Field(
+        None, description="ORPO settings; only with train.method: orpo (defaults apply when omitted)."
     )
     sweep: SweepSection | None = Field(
         None, description="`finetune sweep`: variants to train, the validation suite that picks one, the test suite."
@@ -324,22 +375,29 @@ class Recipe(Section):
                 f"train.packing packs SFT rows, and train.method {self.train.method} trains on preference rows, "
                 "which are not packed; remove train.packing"
             )
-        if self.dpo is not None and self.train.method != "dpo":
-            raise ValueError("the dpo section is only used with train.method: dpo; remove it or set the method")
-        if self.train.method == "dpo":
-            # Caught here, not when the data is built: by then the model is loaded and the run folder made.
-            from finetune.data.readers import READERS
+        method = self.train.method
+        for name in METHOD_SECTIONS:
+            if getattr(self, name) is not None and method != name:
+                raise ValueError(
+                    f"the {name} section is only used with train.method: {name}; remove it or set the method"
+                )
+        # Caught here, not when the data is built: by then the model is loaded and the run folder made.
+        from finetune.data.readers import READERS
 
-            for index, source in enumerate(self.data.sources):
-                kind = READERS[source.reader].kind
-                if kind not in ("preference", "mcq"):
-                    raise ValueError(
-                        f"train.method dpo needs preference pairs, and data.sources.{index} (reader {source.reader}) "
-                        f"gives {kind} rows; "
-                        "use a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
-                    )
-        if self.train.method == "dpo" and self.dpo is None:
-            self.dpo = DpoSection()
+        for index, source in enumerate(self.data.sources):
+            kind = READERS[source.reader].kind
+            if kind not in METHOD_ROWS[method][0]:
+                raise ValueError(
+                    f"train.method {method} needs {METHOD_ROWS[method][1]}, and data.sources.{index} (reader "
+                    f"{source.reader}) gives {kind} rows; use {METHOD_ROWS[method][2]}"
+                )
+        if method == "kto" and self.train.batch_size < 2 and (self.kto is None or self.kto.loss_type == "kto"):
+            raise ValueError(
+                "train.method kto estimates its KL term from the other rows of a batch: set train.batch_size to 2 or "
+                "more"
+            )
+        if method in METHOD_SECTIONS and getattr(self, method) is None:
+            setattr(self, method, METHOD_SECTIONS[method]())
         return self
 
     @property

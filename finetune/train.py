@@ -1,7 +1,7 @@
-"""train.run(): SFT (TRL SFTTrainer) or DPO (TRL DPOTrainer) of a PEFT adapter, as the recipe says.
+"""train.run(): SFT, DPO, KTO or ORPO (TRL's trainers, methods.py) of a PEFT adapter, as the recipe says.
 
 It writes the run folder (layout in runs.py): recipe.yaml, checkpoints, metrics.jsonl, loss.png
-(rewards.png for DPO), the adapter with its tokenizer and training chat template, and run.json last.
+(rewards.png for the preference methods), the adapter with its tokenizer and training chat template, and run.json last.
 Every input (model, data, resume checkpoint, output folder) is checked before the folder is created.
 """
 
@@ -112,7 +112,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
     # The main process converts the model and fills the token cache; the others then read them.
     with distributed.main_first():
         tokenizer = model_lib.tokenizer_for(recipe.model)
-        data = build_preferences(recipe, tokenizer) if recipe.train.method == "dpo" else build(recipe, tokenizer)
+        data = build(recipe, tokenizer) if recipe.train.method == "sft" else build_preferences(recipe, tokenizer)
     runs.check_writable(out, overwrite)
     with distributed.main_first():
         model, tokenizer = model_lib.load(methods.model_section(recipe), tokenizer=tokenizer)
@@ -143,7 +143,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
 
     started = time.time()
     folder = runs.RunFolder(out)
-    dpo = recipe.train.method == "dpo"
+    preference = recipe.train.method != "sft"
     if start_adapter is not None:
         model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
         peft_config = None
@@ -181,7 +181,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         return out
     with runs.staged(out / "loss.png") as tmp:
         plots.plot_loss(folder.metrics, tmp, title=recipe.name)
-    if dpo:
+    if preference:
         with runs.staged(out / "rewards.png") as tmp:
             plots.plot_rewards(folder.metrics, tmp, title=recipe.name)
     wall = time.time() - started
@@ -201,7 +201,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1)
         if trained_tokens
         else None,
-        "padding_fraction": padding_fraction(trainer) if not dpo else None,
+        "padding_fraction": padding_fraction(trainer) if not preference else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": model_lib.device(),
@@ -250,7 +250,7 @@ def save_adapter(trainer, tokenizer, target: Path) -> None:
     distributed.barrier()
     trainer.save_model(str(partial))
     if distributed.is_main():
-        # Only the trained adapter ships: DPO adds a frozen "ref" copy, which the gathering save writes too.
+        # Only the trained adapter ships: DPO and KTO add a frozen "ref" copy, which the gathering save writes too.
         shutil.rmtree(partial / "ref", ignore_errors=True)
         with runs.staged(target, folder=True) as tmp:
             for item in partial.iterdir():

@@ -102,6 +102,8 @@ def test_every_field_has_a_description_and_a_default():
         recipe.DataSection,
         recipe.SourceSection,
         recipe.DpoSection,
+        recipe.KtoSection,
+        recipe.OrpoSection,
         recipe.ExportSection,
         recipe.EvalSection,
     ):

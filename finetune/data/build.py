@@ -98,6 +98,11 @@ def preference_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
     )
 
 
+def unpaired_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
+    """Unpaired rows for KTO: {"prompt", "completion" message lists, "label": desirable or not}."""
+    return _mixed(data, seed, lambda row, kind: formats.to_unpaired(row, kind, data.system_prompt, data.explanations))
+
+
 def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     n_eval = max(1, round(len(rows) * fraction)) if fraction else 0
     if len(rows) - n_eval < 1:
@@ -106,32 +111,33 @@ def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
 
 
 def build_preferences(recipe: Recipe, tokenizer) -> Built:
-    """Preference pairs as TRL's conversational DPO rows; pairs longer than max_length are dropped and counted."""
+    """The rows of a preference method as TRL's conversational rows: pairs for DPO and ORPO, unpaired rows for KTO
+    (already in a seeded order: KTO samples them in order). Rows longer than max_length are dropped and counted."""
     from datasets import Dataset
 
-    rows, stats = preference_rows(recipe.data, recipe.train.seed)
+    unpaired = recipe.train.method == "kto"
+    rows, stats = (unpaired_rows if unpaired else preference_rows)(recipe.data, recipe.train.seed)
+    answers = ("completion",) if unpaired else ("chosen", "rejected")
 
-    def fits(pair: dict) -> bool:
-        longest = max(
-            len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True))
-            for side in ("chosen", "rejected")
-        )
+    def fits(row: dict) -> bool:
+        longest = max(len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True)) for side in answers)
         return longest <= recipe.data.max_length
 
-    kept = [pair for pair in rows if fits(pair)]
+    kept = [row for row in rows if fits(row)]
+    noun = "unpaired rows" if unpaired else "preference pairs"
     if not kept:
         raise FinetuneError(
-            f"data.max_length: all {len(rows)} preference pairs are longer than {recipe.data.max_length} tokens; "
+            f"data.max_length: all {len(rows)} {noun} are longer than {recipe.data.max_length} tokens; "
             "raise data.max_length"
         )
     if len(kept) < len(rows):
         log.warning(
-            "dropped %d preference pair(s) longer than data.max_length=%d tokens",
-            len(rows) - len(kept),
-            recipe.data.max_length,
+            "dropped %d %s longer than data.max_length=%d tokens", len(rows) - len(kept), noun, recipe.data.max_length
         )
     train, evaluation = _split(kept, recipe.data.eval_fraction)
     stats.update(train_rows=len(train), eval_rows=len(evaluation), dropped_too_long=len(rows) - len(kept))
+    if unpaired:
+        stats["desirable_rows"] = sum(row["label"] for row in train)
     return Built(Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, stats)
 
 

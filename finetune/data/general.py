@@ -154,6 +154,23 @@ def preference_convert(record: dict, where: str, source: readers.RawSource) -> d
     }
 
 
+@readers.reader("kto", "unpaired", card="formats.md")
+def kto_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """KTO rows, one answer each: {prompt, completion, label: true (desirable) | false (undesirable)}; prompt and
+    completion are strings or message lists."""
+    record = _record(record, where, "prompt, completion, label")
+    prompt, completion = record.get("prompt"), record.get("completion")
+    return {
+        "prompt": [{"role": "user", "content": _string(record, "prompt", where)}]
+        if isinstance(prompt, str)
+        else prompt,
+        "completion": [{"role": "assistant", "content": _string(record, "completion", where)}]
+        if isinstance(completion, str)
+        else completion,
+        "label": record.get("label"),
+    }
+
+
 @readers.reader("preference_messages", "preference", card="formats.md")
 def preference_messages_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """DPO pairs as message lists: {prompt, chosen, rejected}, or chosen/rejected whole conversations (implicit
