@@ -120,7 +120,8 @@ def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, 
         args = SFTConfig(
             **common,
             packing=True,
-            packing_strategy="bfd",  # rows are never longer than a pack: build drops them
+            # A document longer than a pack is split across packs; a conversation never is (build drops it).
+            packing_strategy="bfd_split" if recipe.raw_text else "bfd",
             train_sampling_strategy="random",  # packs are all about max_length long: nothing to group
             remove_unused_columns=False,  # the collator reads each pack's seq_lengths
         )

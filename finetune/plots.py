@@ -92,7 +92,8 @@ def plot_eval(result: dict, target: Path) -> Path:
             color=colors,
         )
     ax.set_xticks(list(x), [f"{n}\n({r['metric']}, n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
-    ax.set_ylim(0, 1.05)
+    if all(0 <= r["base"] <= 1 for r in rows):  # fractions of examples; perplexity has no upper bound
+        ax.set_ylim(0, 1.05)
     return _finish(plt, fig, ax, target, "score", f"eval suite {result['suite']}")
 
 

@@ -78,8 +78,8 @@ class ReaderInput(Section):
 
     path: str | None = Field(
         None,
-        description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet); a relative path is looked up in the "
-        "current folder, then in the project folder.",
+        description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet; .txt or a folder of .txt files for "
+        "reader text); a relative path is looked up in the current folder, then in the project folder.",
     )
     reader: str = Field(
         "messages", description="How to turn the source's records into rows: see `finetune data readers`."
@@ -122,7 +122,8 @@ class DataSection(Section):
     max_length: int = Field(
         1024,
         gt=8,
-        description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer).",
+        description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer). Raw "
+        "text: the length of a pack; longer documents are split across packs.",
     )
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss (deterministic by seed)."
@@ -329,7 +330,11 @@ METHOD_SECTIONS = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection}
 PREFERENCE_READERS = "a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
 # The row kinds each method trains on, what it calls them, and the readers that give them.
 METHOD_ROWS = {
-    "sft": (("sft", "mcq", "qa"), "conversations", "a chat, instruction, multiple-choice or QA reader"),
+    "sft": (
+        ("sft", "mcq", "qa", "text"),
+        "conversations or raw text",
+        "a chat, instruction, multiple-choice, QA or text reader",
+    ),
     "dpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
     "orpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
     "kto": (
@@ -391,6 +396,13 @@ class Recipe(Section):
                     f"train.method {method} needs {METHOD_ROWS[method][1]}, and data.sources.{index} (reader "
                     f"{source.reader}) gives {kind} rows; use {METHOD_ROWS[method][2]}"
                 )
+        kinds = [READERS[source.reader].kind for source in self.data.sources]
+        if "text" in kinds and set(kinds) != {"text"}:
+            other = next(index for index, kind in enumerate(kinds) if kind != "text")
+            raise ValueError(
+                f"data.sources.{kinds.index('text')} is raw text and data.sources.{other} is not; continued "
+                "pretraining and SFT are separate runs: train on the text first, then on the rows with train.init_from"
+            )
         if method == "kto" and self.train.batch_size < 2 and (self.kto is None or self.kto.loss_type == "kto"):
             raise ValueError(
                 "train.method kto estimates its KL term from the other rows of a batch: set train.batch_size to 2 or "
@@ -401,9 +413,16 @@ class Recipe(Section):
         return self
 
     @property
+    def raw_text(self) -> bool:
+        """Continued pretraining: every source gives raw-text documents."""
+        from finetune.data.readers import READERS
+
+        return all(READERS[source.reader].kind == "text" for source in self.data.sources)
+
+    @property
     def packed(self) -> bool:
-        """Whether training packs rows into data.max_length sequences."""
-        return self.train.packing
+        """Whether training packs rows into data.max_length sequences (raw text always is)."""
+        return self.train.packing or self.raw_text
 
     @property
     def output_dir(self) -> Path:

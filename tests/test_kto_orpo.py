@@ -118,19 +118,6 @@ def test_pairs_and_multiple_choice_become_unpaired_rows(tmp_path, tokenizer):
     assert built.stats["desirable_rows"] == 2 and built.stats["duplicates"] == 0
 
 
-def test_a_kto_row_without_a_boolean_label_is_one_clear_line(tmp_path, tokenizer):
-    rows = tmp_path / "kto.jsonl"
-    rows.write_text(json.dumps({"prompt": "Q?", "completion": "A.", "label": "yes"}) + "\n")
-    recipe = Recipe.model_validate(
-        {"name": "m", "data": {"sources": [{"path": str(rows), "reader": "kto"}]}, "train": {"method": "kto"}}
-    )
-    with pytest.raises(FinetuneError) as error:
-        build_preferences(recipe, tokenizer)
-    assert str(error.value) == (
-        f"{rows}:1: field 'label': expected true (a desirable answer) or false (an undesirable one), found 'yes'"
-    )
-
-
 @pytest.mark.parametrize(
     ("data", "line"),
     [
@@ -152,8 +139,8 @@ def test_a_kto_row_without_a_boolean_label_is_one_clear_line(tmp_path, tokenizer
         ),
         (
             {"data": {"sources": [{"path": "x.jsonl", "reader": "kto"}]}},
-            "train.method sft needs conversations, and data.sources.0 (reader kto) gives unpaired rows; use a chat, "
-            "instruction, multiple-choice or QA reader",
+            "train.method sft needs conversations or raw text, and data.sources.0 (reader kto) gives unpaired rows; "
+            "use a chat, instruction, multiple-choice, QA or text reader",
         ),
     ],
 )

@@ -125,23 +125,38 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_llama_dir):
     assert not (recipe.output_dir / "adapter").exists()
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir):
-    uninterrupted = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3))
-    interrupted = tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3)
-    out = train.run(interrupted)
-    # What a kill after the step-3 checkpoint leaves behind: no final adapter, no run.json, no later checkpoint,
-    # and metrics logged past the checkpoint.
+def capture_trainers(monkeypatch) -> list:
+    """The trainers train.run builds from now on, kept for the test to inspect after the run."""
+    trainers, save = [], train.save_adapter
+    monkeypatch.setattr(train, "save_adapter", lambda trainer, *a: (trainers.append(trainer), save(trainer, *a)))
+    return trainers
+
+
+def resumed_after_a_kill(recipe: Recipe):
+    """Train 6 steps with a checkpoint at step 3, leave what a kill after that checkpoint leaves (no final adapter,
+    no run.json, no later checkpoint, metrics logged past the checkpoint), and run the same recipe again."""
+    out = train.run(recipe)
     for name in ("run.json", "loss.png"):
         (out / name).unlink()
     shutil.rmtree(out / "adapter")
     shutil.rmtree(out / "checkpoints" / "checkpoint-6")
-    train.run(interrupted)
-    first = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert first.keys() == resumed.keys()
+    train.run(recipe)
+    return out
+
+
+def assert_same_weights_and_losses(reference, resumed) -> None:
+    first = load_file(reference / "adapter" / "adapter_model.safetensors")
+    second = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
     for name in first:
-        assert torch.allclose(first[name], resumed[name], atol=1e-6), name
-    assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
+        assert torch.allclose(first[name], second[name], atol=1e-6), name
+    assert losses(resumed) == pytest.approx(losses(reference), abs=1e-4)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir):
+    uninterrupted = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3))
+    resumed = resumed_after_a_kill(tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3))
+    assert_same_weights_and_losses(uninterrupted, resumed)
 
 
 def test_train_resume_picks_the_named_checkpoint_over_the_newest(tmp_path, tiny_llama_dir, caplog):
@@ -177,9 +192,7 @@ def test_a_second_run_into_the_same_folder_refuses(tmp_path, tiny_llama_dir):
 def test_loraplus_trains_b_matrices_at_lr_times_ratio_and_resumes_to_the_same_weights(
     tmp_path, tiny_llama_dir, monkeypatch
 ):
-    trainers = []
-    save = train.save_adapter
-    monkeypatch.setattr(train, "save_adapter", lambda trainer, *a: (trainers.append(trainer), save(trainer, *a)))
+    trainers = capture_trainers(monkeypatch)
     recipe = tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3)
     recipe.adapter.loraplus_lr_ratio = 16
     uninterrupted = train.run(recipe)
@@ -192,24 +205,13 @@ def test_loraplus_trains_b_matrices_at_lr_times_ratio_and_resumes_to_the_same_we
     # The optimizer state a checkpoint saves has LoRA+'s groups, and a resumed run continues them exactly.
     interrupted = tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3)
     interrupted.adapter.loraplus_lr_ratio = 16
-    out = train.run(interrupted)
-    for name in ("run.json", "loss.png"):
-        (out / name).unlink()
-    shutil.rmtree(out / "adapter")
-    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
-    train.run(interrupted)
-    first = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert all(torch.allclose(first[k], resumed[k], atol=1e-6) for k in first)
-    assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
+    assert_same_weights_and_losses(uninterrupted, resumed_after_a_kill(interrupted))
 
 
 def test_packed_rows_give_the_unpacked_loss_per_token(tmp_path, tiny_llama_dir, monkeypatch):
     """The first logged loss is computed before any update, on all 8 rows in one step: packing them padding-free
     (position ids restarting per row, no attention across rows) is the same computation as padded batches."""
-    trainers = []
-    save = train.save_adapter
-    monkeypatch.setattr(train, "save_adapter", lambda trainer, *a: (trainers.append(trainer), save(trainer, *a)))
+    trainers = capture_trainers(monkeypatch)
     unpacked = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, dropout=0.0, max_steps=1, batch_size=8))
     packed = train.run(
         tiny_recipe(tmp_path / "b", tiny_llama_dir, dropout=0.0, max_steps=1, batch_size=8, packing=True)

@@ -8,6 +8,7 @@
                "scale": str|None, "history": [{"role", "content"}, ...]}   (generation tasks)
 - preference: {"prompt": messages, "chosen": messages, "rejected": messages}
 - unpaired:   {"prompt": messages, "completion": messages, "label": bool}   (KTO: a desirable or undesirable answer)
+- text:       {"id": str, "text": str}   (a document of raw text, for continued pretraining)
 
 A bad record raises FinetuneError naming the file, the record, the field, what was expected
 and what was found.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from finetune.errors import FinetuneError
 
 ROLES = ("system", "user", "assistant")
-KINDS = ("sft", "mcq", "qa", "preference", "unpaired")
+KINDS = ("sft", "mcq", "qa", "preference", "unpaired", "text")
 
 
 def bad_row(where: str, field: str, expected: str, found) -> FinetuneError:
@@ -115,12 +116,17 @@ def check_unpaired(row: dict, where: str) -> dict:
     }
 
 
+def check_text(row: dict, where: str) -> dict:
+    return {"id": str(row.get("id", where)), "text": _text(row, "text", where)}
+
+
 CHECKS = {
     "sft": check_sft,
     "mcq": check_mcq,
     "qa": check_qa,
     "preference": check_preference,
     "unpaired": check_unpaired,
+    "text": check_text,
 }
 
 
