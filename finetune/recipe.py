@@ -174,7 +174,7 @@ class TrainSection(Section):
         False,
         description="SFT: pack rows into sequences of data.max_length (TRL's best-fit padding-free packing: position "
         "ids restart per row, no attention across rows; flash-attention's varlen kernel on CUDA when flash_attn is "
-        "installed and model.attn_implementation is not set). Pays on GPUs; on CPU it is slower (README, Speed). "
+        "installed and model.attn_implementation is not set). Pays on GPUs; on CPU it is slower (README: Packing). "
         "Raw-text sources are always packed.",
     )
     liger: bool = Field(
