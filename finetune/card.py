@@ -145,6 +145,15 @@ def _versions(run_dir: Path) -> dict[str, str]:
     return runs.versions()
 
 
+TRAINED_BY = {
+    "sft": "supervised fine-tuning (TRL), loss on assistant turns only",
+    "text": "continued pretraining on raw text (TRL), loss on every token, documents packed",
+    "dpo": "DPO (TRL) on preference pairs",
+    "kto": "KTO (TRL) on desirable and undesirable answers",
+    "orpo": "ORPO (TRL) on preference pairs",
+}
+
+
 def _method(recipe: Recipe, merged: bool, run_dir: Path) -> list[str]:
     kind = {"lora": "LoRA", "dora": "DoRA", "rslora": "rank-stabilised LoRA"}[recipe.adapter.type]
     if recipe.model.quantization == "nf4":
@@ -156,7 +165,7 @@ def _method(recipe: Recipe, merged: bool, run_dir: Path) -> list[str]:
     targets = targets if isinstance(targets, str) else ", ".join(targets)
     lines = [
         f"Fine-tuned from `{base}` with {kind} (r={recipe.adapter.r}, alpha={recipe.adapter.alpha}, "
-        f"targets: {targets}) by supervised fine-tuning (TRL), loss on assistant turns only.",
+        f"targets: {targets}) by {TRAINED_BY['text' if recipe.raw_text else recipe.train.method]}.",
     ]
     if recipe.model.base == "embedded":
         lines.append(

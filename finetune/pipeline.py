@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import distributed, runs, train
+from finetune import distributed, methods, runs, tracking, train
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
@@ -56,6 +56,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Outcome | None:
     from finetune import eval as evaluation
     from finetune import gguf, merge
 
+    methods.check(recipe)
     suite = eval_suite(recipe)
     train_parent_first(recipe)
     out = train.run(recipe, overwrite=overwrite)
@@ -63,6 +64,9 @@ def run(recipe: Recipe, overwrite: bool = False) -> Outcome | None:
         return None
     # Scored before merging: the merge's own parity check shows the merged model equals base + adapter.
     scores = evaluation.run(out, suite=suite, n=recipe.eval.n) if suite else None
+    summary = runs.read_json(runs.RunFolder(out).summary)
+    if scores and recipe.train.report_to:
+        tracking.log_evaluation(recipe, out, scores, summary["steps"])
     merged = merge.merge(out, target=recipe.export.merge_target) if recipe.export.merge else None
     exported = gguf.export(out, recipe.export.gguf) if recipe.export.gguf else None
-    return Outcome(out, runs.read_json(runs.RunFolder(out).summary), scores, merged, exported)
+    return Outcome(out, summary, scores, merged, exported)

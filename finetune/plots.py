@@ -1,4 +1,4 @@
-"""Plots of a run: the training loss, DPO rewards, and base vs adapter per eval task."""
+"""Plots of a run: the training loss, preference rewards, and base vs adapter per eval task."""
 
 from __future__ import annotations
 
@@ -36,29 +36,37 @@ def plot_loss(metrics: Path, target: Path, title: str = "") -> Path | None:
     return _save(plt, fig, target)
 
 
+# The right-hand panel of rewards.png: the first of these a method logs (KTO logs no accuracy).
+SECOND_PANEL = (("rewards/accuracies", "reward accuracy (chosen > rejected)"), ("kl", "KL estimate to the reference"))
+
+
 def plot_rewards(metrics: Path, target: Path, title: str = "") -> Path | None:
-    """rewards.png for DPO: implicit rewards of chosen and rejected answers, their margin, and the accuracy."""
+    """rewards.png for DPO, KTO and ORPO: implicit rewards of chosen (desirable) and rejected (undesirable) answers,
+    their margin, and the reward accuracy (KTO: its KL estimate)."""
     plt = _pyplot()
-    records = [r for r in read_metrics(metrics) if "rewards/chosen" in r]
+    records = [r for r in read_metrics(metrics) if "rewards/chosen" in r or "rewards/rejected" in r]
     if not records:
         return None
     steps = [r["step"] for r in records]
-    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(10, 4.0), dpi=100)
+    fig, (rewards, second) = plt.subplots(1, 2, figsize=(10, 4.0), dpi=100)
     for key, color in (
         ("rewards/chosen", "tab:green"),
         ("rewards/rejected", "tab:red"),
         ("rewards/margins", "tab:blue"),
     ):
-        rewards.plot(steps, [r[key] for r in records], label=key.split("/")[1], color=color)
+        # A KTO batch without desirable (or undesirable) rows logs no reward for them.
+        rewards.plot(steps, [r.get(key, float("nan")) for r in records], label=key.split("/")[1], color=color)
     rewards.axhline(0, color="gray", lw=0.8)
     rewards.set_xlabel("optimizer step")
     rewards.set_ylabel("implicit reward")
     rewards.legend()
-    accuracy.plot(steps, [r["rewards/accuracies"] for r in records], color="tab:purple")
-    accuracy.set_ylim(-0.05, 1.05)
-    accuracy.set_xlabel("optimizer step")
-    accuracy.set_ylabel("reward accuracy (chosen > rejected)")
-    fig.suptitle(title or "DPO rewards")
+    key, label = next(((k, text) for k, text in SECOND_PANEL if k in records[0]), SECOND_PANEL[0])
+    second.plot(steps, [r.get(key, float("nan")) for r in records], color="tab:purple")
+    if key == "rewards/accuracies":
+        second.set_ylim(-0.05, 1.05)
+    second.set_xlabel("optimizer step")
+    second.set_ylabel(label)
+    fig.suptitle(title or "preference rewards")
     return _save(plt, fig, target)
 
 
@@ -84,7 +92,8 @@ def plot_eval(result: dict, target: Path) -> Path:
             color=colors,
         )
     ax.set_xticks(list(x), [f"{n}\n({r['metric']}, n={r['n']})" for n, r in zip(names, rows)], fontsize=8)
-    ax.set_ylim(0, 1.05)
+    if all(0 <= r["base"] <= 1 for r in rows):  # fractions of examples; perplexity has no upper bound
+        ax.set_ylim(0, 1.05)
     return _finish(plt, fig, ax, target, "score", f"eval suite {result['suite']}")
 
 

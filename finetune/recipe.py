@@ -64,6 +64,13 @@ class AdapterSection(Section):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices (and biases, norms, DoRA magnitudes) learn at train.learning_rate times "
+        "this ratio, the A matrices at train.learning_rate (PEFT's LoRA+ optimizer; the paper suggests 16). "
+        "Unset: one learning rate for all.",
+    )
 
 
 class ReaderInput(Section):
@@ -71,8 +78,8 @@ class ReaderInput(Section):
 
     path: str | None = Field(
         None,
-        description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet); a relative path is looked up in the "
-        "current folder, then in the project folder.",
+        description="Local file (.json .jsonl .jsonl.gz .csv .tsv .parquet; .txt or a folder of .txt files for "
+        "reader text); a relative path is looked up in the current folder, then in the project folder.",
     )
     reader: str = Field(
         "messages", description="How to turn the source's records into rows: see `finetune data readers`."
@@ -115,7 +122,8 @@ class DataSection(Section):
     max_length: int = Field(
         1024,
         gt=8,
-        description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer).",
+        description="Longest tokenized conversation; longer rows are dropped and counted (never cut mid-answer). Raw "
+        "text: the length of a pack; longer documents are split across packs.",
     )
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss (deterministic by seed)."
@@ -133,10 +141,12 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "kto", "orpo"] = Field(
         "sft",
-        description="'sft' (TRL SFTTrainer, loss on assistant turns only) or 'dpo' (TRL DPOTrainer on preference "
-        "pairs; multiple-choice sources become correct-vs-distractor pairs).",
+        description="'sft' (TRL SFTTrainer, loss on assistant turns only), 'dpo' (TRL DPOTrainer on preference "
+        "pairs; multiple-choice sources become correct-vs-distractor pairs), 'kto' (TRL KTOTrainer on unpaired "
+        "desirable / undesirable answers: the kto reader, or pairs and multiple choice split into them) or 'orpo' "
+        "(TRL's ORPOTrainer on preference pairs: SFT and preference in one pass, no reference model).",
     )
     init_from: str | None = Field(
         None,
@@ -163,6 +173,18 @@ class TrainSection(Section):
     compile: bool = Field(
         False, description="torch.compile the model for training (measured in benchmarks/RESULTS.md before use)."
     )
+    packing: bool = Field(
+        False,
+        description="SFT: pack rows into sequences of data.max_length (TRL's best-fit padding-free packing: position "
+        "ids restart per row, no attention across rows; flash-attention's varlen kernel on CUDA when flash_attn is "
+        "installed and model.attn_implementation is not set). Pays on GPUs; on CPU it is slower (README: Packing). "
+        "Raw-text sources are always packed.",
+    )
+    liger: bool = Field(
+        False,
+        description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) through the Trainer's use_liger_kernel: less "
+        "memory and faster steps on CUDA GPUs; needs the liger extra. Refused on CPU.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
@@ -174,9 +196,23 @@ class TrainSection(Section):
         "checkpoint in output_dir/checkpoints by itself.",
     )
     eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval_fraction > 0).")
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every logged step and, after `finetune run`, the evaluation's "
+        "scores; offline, in the run folder: tb/ (TensorBoard), mlruns/ (MLflow file store), trackio/, wandb/ (offline "
+        "mode). Each needs its extra: pip install -e '.[tensorboard]'.",
+    )
     output_dir: str = Field(
         "runs/{name}", description="Where the run writes; '{name}' is the recipe name. Relative to the current folder."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value):
+        # `report_to: tensorboard` and `report_to: none`, as the Trainer's own argument is often written.
+        if value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 DPO_LOSSES = (
@@ -207,6 +243,34 @@ class DpoSection(Section):
     )
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust)."
+    )
+
+
+class KtoSection(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer)."
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Loss weight of desirable answers. With fewer desirable than undesirable rows (multiple choice "
+        "gives one correct answer per distractors), raise it so that weight x count is about equal (TRL's advice).",
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable answers.")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="TRL's KTO loss: kto, or apo_zero_unpaired (no KL term)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Score the reference once before training (faster steps, same logs)."
+    )
+
+
+class OrpoSection(Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Weight of the odds-ratio term next to the chosen answer's NLL (the paper's lambda): higher "
+        "pushes the rejected answer down harder.",
     )
 
 
@@ -265,6 +329,25 @@ class SweepSection(Section):
     )
 
 
+METHOD_SECTIONS = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection}
+PREFERENCE_READERS = "a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
+# The row kinds each method trains on, what it calls them, and the readers that give them.
+METHOD_ROWS = {
+    "sft": (
+        ("sft", "mcq", "qa", "text"),
+        "conversations or raw text",
+        "a chat, instruction, multiple-choice, QA or text reader",
+    ),
+    "dpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
+    "orpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
+    "kto": (
+        ("unpaired", "preference", "mcq"),
+        "desirable and undesirable answers",
+        f"the kto reader, {PREFERENCE_READERS}",
+    ),
+}
+
+
 class Recipe(Section):
     name: str = Field(..., description="Recipe name (defaults to the file name).")
     description: str = Field("", description="One line shown by `finetune recipes list`.")
@@ -279,6 +362,12 @@ class Recipe(Section):
     dpo: DpoSection | None = Field(
         None, description="DPO settings; only with train.method: dpo (defaults apply when omitted)."
     )
+    kto: KtoSection | None = Field(
+        None, description="KTO settings; only with train.method: kto (defaults apply when omitted)."
+    )
+    orpo: OrpoSection | None = Field(
+        None, description="ORPO settings; only with train.method: orpo (defaults apply when omitted)."
+    )
     sweep: SweepSection | None = Field(
         None, description="`finetune sweep`: variants to train, the validation suite that picks one, the test suite."
     )
@@ -289,23 +378,54 @@ class Recipe(Section):
             raise ValueError("train.eval_steps needs held-out rows: set data.eval_fraction above 0 (e.g. 0.1)")
         if self.export.gguf and not self.export.merge:
             raise ValueError("export.gguf needs the merged model: set export.merge: true")
-        if self.dpo is not None and self.train.method != "dpo":
-            raise ValueError("the dpo section is only used with train.method: dpo; remove it or set the method")
-        if self.train.method == "dpo":
-            # Caught here, not when the data is built: by then the model is loaded and the run folder made.
-            from finetune.data.readers import READERS
+        if self.train.packing and self.train.method != "sft":
+            raise ValueError(
+                f"train.packing packs SFT rows, and train.method {self.train.method} trains on preference rows, "
+                "which are not packed; remove train.packing"
+            )
+        method = self.train.method
+        for name in METHOD_SECTIONS:
+            if getattr(self, name) is not None and method != name:
+                raise ValueError(
+                    f"the {name} section is only used with train.method: {name}; remove it or set the method"
+                )
+        # Caught here, not when the data is built: by then the model is loaded and the run folder made.
+        from finetune.data.readers import READERS
 
-            for index, source in enumerate(self.data.sources):
-                kind = READERS[source.reader].kind
-                if kind not in ("preference", "mcq"):
-                    raise ValueError(
-                        f"train.method dpo needs preference pairs, and data.sources.{index} (reader {source.reader}) "
-                        f"gives {kind} rows; "
-                        "use a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
-                    )
-        if self.train.method == "dpo" and self.dpo is None:
-            self.dpo = DpoSection()
+        for index, source in enumerate(self.data.sources):
+            kind = READERS[source.reader].kind
+            if kind not in METHOD_ROWS[method][0]:
+                raise ValueError(
+                    f"train.method {method} needs {METHOD_ROWS[method][1]}, and data.sources.{index} (reader "
+                    f"{source.reader}) gives {kind} rows; use {METHOD_ROWS[method][2]}"
+                )
+        kinds = [READERS[source.reader].kind for source in self.data.sources]
+        if "text" in kinds and set(kinds) != {"text"}:
+            other = next(index for index, kind in enumerate(kinds) if kind != "text")
+            raise ValueError(
+                f"data.sources.{kinds.index('text')} is raw text and data.sources.{other} is not; continued "
+                "pretraining and SFT are separate runs: train on the text first, then on the rows with train.init_from"
+            )
+        if method == "kto" and self.train.batch_size < 2 and (self.kto is None or self.kto.loss_type == "kto"):
+            raise ValueError(
+                "train.method kto estimates its KL term from the other rows of a batch: set train.batch_size to 2 or "
+                "more"
+            )
+        if method in METHOD_SECTIONS and getattr(self, method) is None:
+            setattr(self, method, METHOD_SECTIONS[method]())
         return self
+
+    @property
+    def raw_text(self) -> bool:
+        """Continued pretraining: every source gives raw-text documents."""
+        from finetune.data.readers import READERS
+
+        return all(READERS[source.reader].kind == "text" for source in self.data.sources)
+
+    @property
+    def packed(self) -> bool:
+        """Whether training packs rows into data.max_length sequences (raw text always is)."""
+        return self.train.packing or self.raw_text
 
     @property
     def output_dir(self) -> Path:

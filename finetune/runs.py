@@ -8,6 +8,7 @@
     RUN_DIR/eval.json       base vs adapter (eval.md, eval.png beside it)
     RUN_DIR/merged/         the merged model (merge.json inside)
     RUN_DIR/gguf/           GGUF files, Modelfiles, export.json
+    RUN_DIR/tb/, mlruns/, trackio/, wandb/   experiment trackers' stores (train.report_to; tracking.py)
 
 Every output goes through `staged()`: written under a hidden name beside its target and renamed into
 place, so a killed process leaves the old output or the new one, never half of one that looks complete.

@@ -22,6 +22,7 @@ import yaml
 
 from finetune import config, pipeline, plots, runs, train
 from finetune.errors import FinetuneError
+from finetune.eval.metrics import lower_is_better
 from finetune.recipe import KIND as RECIPE
 from finetune.recipe import Recipe
 
@@ -167,7 +168,8 @@ def run(name_or_path: str, overrides: list[str] = (), grid_args: list[str] = ())
                 "validation": {name: t["adapter"] for name, t in report["tasks"].items()},
             }
         )
-    winner = max(rows, key=lambda r: r["score"])  # the first of equals: grid order
+    # The first of equals wins: grid order.
+    winner = (min if lower_is_better(rows[0]["metric"]) else max)(rows, key=lambda r: r["score"])
     log.info("sweep: %s wins on validation (%s %.3f)", winner["variant"], winner["metric"], winner["score"])
     if chosen["final"]:
         final = chosen["final"]

@@ -1,7 +1,7 @@
-"""train.run(): SFT (TRL SFTTrainer) or DPO (TRL DPOTrainer) of a PEFT adapter, as the recipe says.
+"""train.run(): SFT, DPO, KTO or ORPO (TRL's trainers, methods.py) of a PEFT adapter, as the recipe says.
 
 It writes the run folder (layout in runs.py): recipe.yaml, checkpoints, metrics.jsonl, loss.png
-(rewards.png for DPO), the adapter with its tokenizer and training chat template, and run.json last.
+(rewards.png for the preference methods), the adapter with its tokenizer and training chat template, and run.json last.
 Every input (model, data, resume checkpoint, output folder) is checked before the folder is created.
 """
 
@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from finetune import adapters, distributed, plots, runs
+from finetune import adapters, distributed, methods, plots, runs, tracking
 from finetune import model as model_lib
 from finetune.config import resolve_path
 from finetune.data.build import build, build_preferences
@@ -103,116 +103,26 @@ def trim_metrics(path: Path, step: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
-    """Trainer arguments shared by SFT and DPO."""
-    train = recipe.train
-    on_cpu = model_lib.device() == "cpu"
-    dtype = model_lib.compute_dtype(recipe.model)
-    return dict(
-        output_dir=str(runs.RunFolder(out).checkpoints),
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio in transformers 5
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation,
-        activation_checkpointing=train.gradient_checkpointing,
-        weight_decay=train.weight_decay,
-        torch_compile=train.compile,
-        max_grad_norm=train.max_grad_norm,
-        # Non-reentrant checkpointing is the variant that works under DDP and FSDP.
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
-        ddp_find_unused_parameters=False,
-        seed=train.seed,
-        data_seed=train.seed,
-        logging_steps=train.logging_steps,
-        save_steps=train.save_steps,
-        save_total_limit=2,
-        eval_strategy="steps" if has_eval and train.eval_steps else "no",
-        eval_steps=train.eval_steps,
-        # TRL defaults to bf16, which CPUs run ~17x slower than fp32 (and most refuse); follow the compute dtype.
-        bf16=dtype == torch.bfloat16 and not on_cpu,
-        fp16=dtype == torch.float16 and not on_cpu,
-        use_cpu=on_cpu,
-        max_length=recipe.data.max_length,
-        report_to="none",
-        logging_first_step=True,
-        # The default filter logs a NaN loss as 0, which would hide exactly what the guard looks for.
-        logging_nan_inf_filter=False,
-        disable_tqdm=False,
-    )
-
-
-def trainer_inputs(model, tokenizer, data, peft_config, callbacks) -> dict:
-    """What every TRL trainer is given besides its config."""
-    return dict(
-        model=model,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-
-
-def sft_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
-    from trl import SFTConfig
-
-    from finetune.batching import LeftPaddingCollator
-    from finetune.trainers import EpochSeededSFTTrainer, TrainedPositionsSFTTrainer
-
-    args = SFTConfig(
-        **common_args(recipe, out, data.eval is not None),
-        train_sampling_strategy="group_by_length" if recipe.train.group_by_length else "random",
-        # Rows arrive tokenized with assistant-only labels from data.build.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-    )
-    trainer_class, collator = EpochSeededSFTTrainer, None
-    if model_lib.device() == "cpu":
-        # TRL's fused LM head scores every position where Triton does not run: project only the trained ones.
-        trainer_class, collator = TrainedPositionsSFTTrainer, LeftPaddingCollator(tokenizer.pad_token_id)
-    return trainer_class(
-        args=args, data_collator=collator, **trainer_inputs(model, tokenizer, data, peft_config, callbacks)
-    )
-
-
-def dpo_trainer(recipe: Recipe, model, tokenizer, data, peft_config, callbacks, out: Path):
-    """DPO with no second copy of the weights: the reference is the base with the adapter disabled, or,
-    when continuing an adapter (init_from), TRL's frozen copy of that adapter."""
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(
-        **common_args(recipe, out, data.eval is not None),
-        beta=recipe.dpo.beta,
-        loss_type=[recipe.dpo.loss_type],
-        label_smoothing=recipe.dpo.label_smoothing,
-        precompute_ref_log_probs=recipe.dpo.precompute_ref_log_probs,
-    )
-    return DPOTrainer(args=args, **trainer_inputs(model, tokenizer, data, peft_config, callbacks))
-
-
 def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter (continuing train.init_from's when set); returns the run folder."""
     out = recipe.output_dir
+    methods.check(recipe)
     start_adapter = init_adapter(recipe)
     named = named_resume(recipe)
     # The main process converts the model and fills the token cache; the others then read them.
     with distributed.main_first():
         tokenizer = model_lib.tokenizer_for(recipe.model)
-        data = build_preferences(recipe, tokenizer) if recipe.train.method == "dpo" else build(recipe, tokenizer)
+        data = build(recipe, tokenizer) if recipe.train.method == "sft" else build_preferences(recipe, tokenizer)
     runs.check_writable(out, overwrite)
     with distributed.main_first():
-        model, tokenizer = model_lib.load(recipe.model, tokenizer=tokenizer)
+        model, tokenizer = model_lib.load(methods.model_section(recipe), tokenizer=tokenizer)
     fresh = not out.exists()
     with distributed.main_first():
         if distributed.is_main():
             runs.prepare(out, overwrite)
     try:
         resume = named or runs.last_checkpoint(runs.RunFolder(out).checkpoints)
-        with runs.exclusive(out):
+        with runs.exclusive(out), tracking.environment(recipe, out):
             return _train(recipe, out, model, tokenizer, data, start_adapter, resume)
     except BaseException as e:
         # A run that failed before its first logged step leaves no folder behind; one that trained keeps its
@@ -233,7 +143,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
 
     started = time.time()
     folder = runs.RunFolder(out)
-    dpo = recipe.train.method == "dpo"
+    preference = recipe.train.method != "sft"
     if start_adapter is not None:
         model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
         peft_config = None
@@ -251,9 +161,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
     if resume:
         log.info("resuming from %s", resume)
 
-    trainer = (dpo_trainer if dpo else sft_trainer)(
-        recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out
-    )
+    trainer = methods.trainer(recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out)
     # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
     # so keep trainable weights in the compute dtype.
     dtype = model_lib.compute_dtype(recipe.model)
@@ -273,7 +181,7 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         return out
     with runs.staged(out / "loss.png") as tmp:
         plots.plot_loss(folder.metrics, tmp, title=recipe.name)
-    if dpo:
+    if preference:
         with runs.staged(out / "rewards.png") as tmp:
             plots.plot_rewards(folder.metrics, tmp, title=recipe.name)
     wall = time.time() - started
@@ -293,10 +201,12 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1)
         if trained_tokens
         else None,
-        "padding_fraction": padding_fraction(trainer) if not dpo else None,
+        "padding_fraction": padding_fraction(trainer) if not preference else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": model_lib.device(),
+        "attention": trainer.model.config._attn_implementation,
+        "packed": recipe.packed,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "data": {k: v for k, v in data.stats.items() if k != "lengths"},
         "versions": runs.versions(),
@@ -340,7 +250,7 @@ def save_adapter(trainer, tokenizer, target: Path) -> None:
     distributed.barrier()
     trainer.save_model(str(partial))
     if distributed.is_main():
-        # Only the trained adapter ships: DPO adds a frozen "ref" copy, which the gathering save writes too.
+        # Only the trained adapter ships: DPO and KTO add a frozen "ref" copy, which the gathering save writes too.
         shutil.rmtree(partial / "ref", ignore_errors=True)
         with runs.staged(target, folder=True) as tmp:
             for item in partial.iterdir():

@@ -16,7 +16,7 @@ import yaml
 from finetune import eval as evaluation
 from finetune.config import PROJECT_ROOT, resolve_path
 from finetune.data import formats
-from finetune.data.build import chat_rows, read_source
+from finetune.data.build import chat_rows, read_source, text_rows
 from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
 from finetune.eval import cache, metrics, prompts, report, scoring
@@ -226,6 +226,9 @@ def test_every_shipped_suite_loads_and_reads_its_examples_offline():
         for task_name, task in suite.tasks.items():
             items = prompts.examples(task, "system", suite.seed)
             assert items, (name, task_name)
+            if task.kind == "text":
+                assert all(it["text"].strip() for it in items)
+                continue
             assert items[0]["messages"][0] == {"role": "system", "content": "system"}
             if task.kind == "mcq":
                 assert all(it["answer"] in it["options"] for it in items)
@@ -253,11 +256,15 @@ def test_no_evaluation_example_is_a_training_row_of_the_same_recipe(recipe_name)
     missing = [s.path for s in recipe.data.sources if s.path and not resolve_path(s.path).exists()]
     if missing:
         pytest.skip(f"training data {missing[0]} is absent")
-    rows, _ = chat_rows(recipe.data, recipe.train.seed)
-    trained = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
+    if recipe.raw_text:  # continued pretraining: no scored document, nor any scored question, is a trained text
+        trained = "\n\0".join(row["text"] for row in text_rows(recipe.data, recipe.train.seed)[0])
+    else:
+        rows, _ = chat_rows(recipe.data, recipe.train.seed)
+        trained = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
     for name, task in suite.tasks.items():
         for item in prompts.examples(task, recipe.data.system_prompt, suite.seed):
-            assert item["messages"][-1]["content"] not in trained, (recipe_name, name, item["id"])
+            scored = item["text"] if task.kind == "text" else item["messages"][-1]["content"]
+            assert scored not in trained, (recipe_name, name, item["id"])
 
 
 def test_few_shot_demonstrations_are_earlier_turns_and_never_a_scored_row():
@@ -374,7 +381,7 @@ def test_suite_errors_name_the_file_the_key_and_the_fix(tmp_path):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "metric": "f1"}})))
     with pytest.raises(FinetuneError, match=r"shots > 0 needs shots_from"):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "shots": 2}})))
-    with pytest.raises(FinetuneError, match=r"reader 'messages' yields sft rows; a task needs mcq or qa rows"):
+    with pytest.raises(FinetuneError, match=r"reader 'messages' yields sft rows; a task needs mcq, qa or text rows"):
         suites.load_suite(str(write_suite(tmp_path, {"t": {**task, "reader": "messages"}})))
     empty = tmp_path / "empty_tatqa.json"
     empty.write_text("[]")

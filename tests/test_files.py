@@ -122,7 +122,8 @@ def test_bad_files(tmp_path):
     other = tmp_path / "r.xlsx"
     other.write_bytes(b"PK")
     assert error_of(lambda: list(files.records(other))) == (
-        f"{other}: unsupported file type .xlsx; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet"
+        f"{other}: unsupported file type .xlsx; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet (raw .txt "
+        "documents: reader text)"
     )
 
     absent = tmp_path / "absent.json"

@@ -52,6 +52,11 @@ MINIMAL = "data:\n  sources:\n    - path: rows.jsonl\n"
         ),
         ("data:\n  sources:\n    - reader: messages\n", "data.sources.0: give exactly one of 'path' or 'hub'"),
         ("model:\n  base: embedded\n", "data: required key is missing"),
+        (
+            MINIMAL + "train:\n  method: dpo\n  packing: true\n",
+            "recipe: train.packing packs SFT rows, and train.method dpo trains on preference rows, which are not "
+            "packed; remove train.packing",
+        ),
     ],
 )
 def test_bad_recipes_give_their_exact_line(tmp_path, text, line):
@@ -97,6 +102,8 @@ def test_every_field_has_a_description_and_a_default():
         recipe.DataSection,
         recipe.SourceSection,
         recipe.DpoSection,
+        recipe.KtoSection,
+        recipe.OrpoSection,
         recipe.ExportSection,
         recipe.EvalSection,
     ):

@@ -125,23 +125,38 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, tiny_llama_dir):
     assert not (recipe.output_dir / "adapter").exists()
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir):
-    uninterrupted = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3))
-    interrupted = tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3)
-    out = train.run(interrupted)
-    # What a kill after the step-3 checkpoint leaves behind: no final adapter, no run.json, no later checkpoint,
-    # and metrics logged past the checkpoint.
+def capture_trainers(monkeypatch) -> list:
+    """The trainers train.run builds from now on, kept for the test to inspect after the run."""
+    trainers, save = [], train.save_adapter
+    monkeypatch.setattr(train, "save_adapter", lambda trainer, *a: (trainers.append(trainer), save(trainer, *a)))
+    return trainers
+
+
+def resumed_after_a_kill(recipe: Recipe):
+    """Train 6 steps with a checkpoint at step 3, leave what a kill after that checkpoint leaves (no final adapter,
+    no run.json, no later checkpoint, metrics logged past the checkpoint), and run the same recipe again."""
+    out = train.run(recipe)
     for name in ("run.json", "loss.png"):
         (out / name).unlink()
     shutil.rmtree(out / "adapter")
     shutil.rmtree(out / "checkpoints" / "checkpoint-6")
-    train.run(interrupted)
-    first = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert first.keys() == resumed.keys()
+    train.run(recipe)
+    return out
+
+
+def assert_same_weights_and_losses(reference, resumed) -> None:
+    first = load_file(reference / "adapter" / "adapter_model.safetensors")
+    second = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
     for name in first:
-        assert torch.allclose(first[name], resumed[name], atol=1e-6), name
-    assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-4)
+        assert torch.allclose(first[name], second[name], atol=1e-6), name
+    assert losses(resumed) == pytest.approx(losses(reference), abs=1e-4)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir):
+    uninterrupted = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3))
+    resumed = resumed_after_a_kill(tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3))
+    assert_same_weights_and_losses(uninterrupted, resumed)
 
 
 def test_train_resume_picks_the_named_checkpoint_over_the_newest(tmp_path, tiny_llama_dir, caplog):
@@ -172,3 +187,54 @@ def test_a_second_run_into_the_same_folder_refuses(tmp_path, tiny_llama_dir):
         with pytest.raises(FinetuneError, match="another run is writing there right now"):
             train.run(recipe)
     assert not (recipe.output_dir / "run.json").exists()
+
+
+def test_loraplus_trains_b_matrices_at_lr_times_ratio_and_resumes_to_the_same_weights(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    trainers = capture_trainers(monkeypatch)
+    recipe = tiny_recipe(tmp_path / "a", tiny_llama_dir, max_steps=6, save_steps=3)
+    recipe.adapter.loraplus_lr_ratio = 16
+    uninterrupted = train.run(recipe)
+    names = {id(p): n for n, p in trainers[0].model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in trainers[0].optimizer.param_groups for p in group["params"]}
+    assert rates and {n for n in rates if "lora_" not in n} == set()
+    assert [lr for n, lr in rates.items() if "lora_B" in n] == pytest.approx([5e-3 * 16] * 14)  # 7 modules x 2 layers
+    assert [lr for n, lr in rates.items() if "lora_A" in n] == pytest.approx([5e-3] * 14)
+
+    # The optimizer state a checkpoint saves has LoRA+'s groups, and a resumed run continues them exactly.
+    interrupted = tiny_recipe(tmp_path / "b", tiny_llama_dir, max_steps=6, save_steps=3)
+    interrupted.adapter.loraplus_lr_ratio = 16
+    assert_same_weights_and_losses(uninterrupted, resumed_after_a_kill(interrupted))
+
+
+def test_packed_rows_give_the_unpacked_loss_per_token(tmp_path, tiny_llama_dir, monkeypatch):
+    """The first logged loss is computed before any update, on all 8 rows in one step: packing them padding-free
+    (position ids restarting per row, no attention across rows) is the same computation as padded batches."""
+    trainers = capture_trainers(monkeypatch)
+    unpacked = train.run(tiny_recipe(tmp_path / "a", tiny_llama_dir, dropout=0.0, max_steps=1, batch_size=8))
+    packed = train.run(
+        tiny_recipe(tmp_path / "b", tiny_llama_dir, dropout=0.0, max_steps=1, batch_size=8, packing=True)
+    )
+    assert losses(packed) == pytest.approx(losses(unpacked), rel=1e-5)
+    dataset = trainers[1].train_dataset
+    assert len(dataset) < len(ROWS) and sum(len(s) for s in dataset["seq_lengths"]) == len(ROWS)
+    batch = next(iter(trainers[1].get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert int((batch["position_ids"] == 0).sum()) == len(ROWS)  # one start per conversation
+    meta = json.loads((packed / "run.json").read_text())
+    assert meta["packed"] and meta["padding_fraction"] == 0.0 and meta["attention"] == "sdpa"
+
+
+def test_liger_is_refused_on_cpu_before_anything_is_written(tmp_path, tiny_llama_dir, monkeypatch):
+    from finetune import model as model_lib
+
+    monkeypatch.setattr(model_lib, "device", lambda: "cpu")
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, liger=True)
+    with pytest.raises(FinetuneError) as error:
+        train.run(recipe)
+    assert str(error.value) == (
+        "train.liger: Liger's kernels are Triton kernels and need a CUDA GPU, which this machine does not have; "
+        "remove train.liger"
+    )
+    assert not recipe.output_dir.exists()

@@ -1,10 +1,12 @@
-"""data.build(): the recipe's sources -> validated rows -> chat rows -> tokens with assistant-only labels.
+"""data.build(): the recipe's sources -> validated rows -> chat rows -> tokens with assistant-only labels (raw-text
+documents: tokens ending in EOS, labels on every token).
 
 Policy for long rows: a conversation whose tokens exceed data.max_length is dropped and counted,
 never truncated, because truncation would cut the answer (and its EOS) and train the model to
-stop mid-sentence. Tokenized rows are cached under the cache folder, keyed by everything that
-changes tokens: the tokenizer's vocabulary and special tokens, the chat template, max_length,
-the reader versions and the rows themselves.
+stop mid-sentence. A document longer than max_length is kept: packing splits it. Tokenized rows
+are cached under the cache folder, keyed by everything that changes tokens: the tokenizer's
+vocabulary and special tokens, the chat template, max_length, the reader versions and the rows
+themselves.
 """
 
 from __future__ import annotations
@@ -91,11 +93,21 @@ def chat_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
     return _mixed(data, seed, lambda row, kind: [formats.to_sft(row, kind, data.system_prompt, data.explanations)])
 
 
+def text_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
+    """Documents for continued pretraining: {"text": str}."""
+    return _mixed(data, seed, lambda row, kind: [{"text": row["text"]}])
+
+
 def preference_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
     """Preference pairs for DPO: {"prompt", "chosen", "rejected"} message lists."""
     return _mixed(
         data, seed, lambda row, kind: formats.to_preferences(row, kind, data.system_prompt, data.explanations)
     )
+
+
+def unpaired_rows(data: DataSection, seed: int) -> tuple[list[dict], dict]:
+    """Unpaired rows for KTO: {"prompt", "completion" message lists, "label": desirable or not}."""
+    return _mixed(data, seed, lambda row, kind: formats.to_unpaired(row, kind, data.system_prompt, data.explanations))
 
 
 def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -106,32 +118,33 @@ def _split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
 
 
 def build_preferences(recipe: Recipe, tokenizer) -> Built:
-    """Preference pairs as TRL's conversational DPO rows; pairs longer than max_length are dropped and counted."""
+    """The rows of a preference method as TRL's conversational rows: pairs for DPO and ORPO, unpaired rows for KTO
+    (already in a seeded order: KTO samples them in order). Rows longer than max_length are dropped and counted."""
     from datasets import Dataset
 
-    rows, stats = preference_rows(recipe.data, recipe.train.seed)
+    unpaired = recipe.train.method == "kto"
+    rows, stats = (unpaired_rows if unpaired else preference_rows)(recipe.data, recipe.train.seed)
+    answers = ("completion",) if unpaired else ("chosen", "rejected")
 
-    def fits(pair: dict) -> bool:
-        longest = max(
-            len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True))
-            for side in ("chosen", "rejected")
-        )
+    def fits(row: dict) -> bool:
+        longest = max(len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True)) for side in answers)
         return longest <= recipe.data.max_length
 
-    kept = [pair for pair in rows if fits(pair)]
+    kept = [row for row in rows if fits(row)]
+    noun = "unpaired rows" if unpaired else "preference pairs"
     if not kept:
         raise FinetuneError(
-            f"data.max_length: all {len(rows)} preference pairs are longer than {recipe.data.max_length} tokens; "
+            f"data.max_length: all {len(rows)} {noun} are longer than {recipe.data.max_length} tokens; "
             "raise data.max_length"
         )
     if len(kept) < len(rows):
         log.warning(
-            "dropped %d preference pair(s) longer than data.max_length=%d tokens",
-            len(rows) - len(kept),
-            recipe.data.max_length,
+            "dropped %d %s longer than data.max_length=%d tokens", len(rows) - len(kept), noun, recipe.data.max_length
         )
     train, evaluation = _split(kept, recipe.data.eval_fraction)
     stats.update(train_rows=len(train), eval_rows=len(evaluation), dropped_too_long=len(rows) - len(kept))
+    if unpaired:
+        stats["desirable_rows"] = sum(row["label"] for row in train)
     return Built(Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, stats)
 
 
@@ -147,6 +160,15 @@ def tokenize(tokenizer, messages: list[dict]) -> dict:
             "the assistant content"
         )
     return {"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)]}
+
+
+def tokenize_text(tokenizer, text: str) -> dict:
+    """A document's input_ids (as the tokenizer encodes text, with its BOS if it adds one) ending in EOS, and labels
+    on every token but the first: no token is predicted from the document before it in a pack."""
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return {"input_ids": ids, "labels": [IGNORE] + ids[1:]}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -171,21 +193,25 @@ def cache_key(tokenizer, recipe: Recipe, rows: list[dict]) -> str:
 
 
 def _tokenize_all(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """Tokenized rows and how many were too long: conversations longer than max_length are dropped; documents are
+    kept, and packing splits them."""
     kept, too_long = [], 0
     for row in rows:
-        tokens = tokenize(tokenizer, row["messages"])
+        tokens = tokenize_text(tokenizer, row["text"]) if "text" in row else tokenize(tokenizer, row["messages"])
         if len(tokens["input_ids"]) > max_length:
             too_long += 1
-            continue
+            if "text" not in row:
+                continue
         kept.append(tokens)
     return kept, too_long
 
 
 def build(recipe: Recipe, tokenizer) -> Built:
-    """SFT rows tokenized with assistant-only labels, split into train / eval, with statistics; cached by content."""
+    """SFT rows tokenized with assistant-only labels (or raw-text documents with labels on every token), split into
+    train / eval, with statistics; cached by content."""
     from datasets import Dataset, load_from_disk
 
-    rows, stats = chat_rows(recipe.data, recipe.train.seed)
+    rows, stats = (text_rows if recipe.raw_text else chat_rows)(recipe.data, recipe.train.seed)
     train_rows, eval_rows = _split(rows, recipe.data.eval_fraction)
 
     key = cache_key(tokenizer, recipe, rows) + f"-{len(eval_rows)}"
@@ -200,6 +226,15 @@ def build(recipe: Recipe, tokenizer) -> Built:
 
     train_tokens, too_long = _tokenize_all(tokenizer, train_rows, recipe.data.max_length)
     eval_tokens, eval_too_long = _tokenize_all(tokenizer, eval_rows, recipe.data.max_length)
+    if recipe.raw_text:
+        split = {"split_too_long": too_long + eval_too_long}
+        too_long = eval_too_long = 0
+        if split["split_too_long"]:
+            log.info(
+                "%d document(s) longer than data.max_length=%d tokens are split across packs",
+                split["split_too_long"],
+                recipe.data.max_length,
+            )
     if too_long:
         log.warning(
             "dropped %d training row(s) longer than data.max_length=%d tokens", too_long, recipe.data.max_length
@@ -216,6 +251,7 @@ def build(recipe: Recipe, tokenizer) -> Built:
         "train_tokens": sum(len(t["input_ids"]) for t in train_tokens),
         "trained_tokens": sum(sum(label != IGNORE for label in t["labels"]) for t in train_tokens),
         "lengths": sorted(len(t["input_ids"]) for t in train_tokens),
+        **(split if recipe.raw_text else {}),
     }
     train = Dataset.from_list(train_tokens)
     evaluation = Dataset.from_list(eval_tokens) if eval_tokens else None

@@ -21,7 +21,7 @@ from finetune.errors import FinetuneError, first_line
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 
 
-def _suffixes(path: Path) -> str:
+def suffix(path: Path) -> str:
     """The format suffix, with a trailing .gz ignored: data.jsonl.gz -> .jsonl."""
     return Path(path.name.removesuffix(".gz")).suffix.lower()
 
@@ -157,10 +157,10 @@ def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
         raise FinetuneError(
             f"{path}: file not found; check data.sources[].path (relative paths start at the project folder)"
         )
-    suffix = _suffixes(path)
-    if suffix == ".jsonl":
+    kind = suffix(path)
+    if kind == ".jsonl":
         yield from _jsonl(path)
-    elif suffix == ".json":
+    elif kind == ".json":
         data = parse_json(path)
         items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
         if items is None:
@@ -169,13 +169,14 @@ def records(path: Path, header: bool = True) -> Iterator[tuple[str, dict]]:
             )
         for key, record in items:
             yield f"{path}: record {key}", _object(record, f"{path}: record {key}")
-    elif suffix in (".csv", ".tsv"):
-        yield from _delimited(path, "," if suffix == ".csv" else "\t", header)
-    elif suffix == ".parquet":
+    elif kind in (".csv", ".tsv"):
+        yield from _delimited(path, "," if kind == ".csv" else "\t", header)
+    elif kind == ".parquet":
         yield from _parquet(path)
     else:
         raise FinetuneError(
-            f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet"
+            f"{path}: unsupported file type {kind or '(none)'}; use .json, .jsonl, .jsonl.gz, .csv, .tsv or .parquet "
+            "(raw .txt documents: reader text)"
         )
 
 

@@ -7,6 +7,8 @@
 - qa:         {"id": str, "question": str, "context": str|None, "answer": str,
                "scale": str|None, "history": [{"role", "content"}, ...]}   (generation tasks)
 - preference: {"prompt": messages, "chosen": messages, "rejected": messages}
+- unpaired:   {"prompt": messages, "completion": messages, "label": bool}   (KTO: a desirable or undesirable answer)
+- text:       {"id": str, "text": str}   (a document of raw text, for continued pretraining)
 
 A bad record raises FinetuneError naming the file, the record, the field, what was expected
 and what was found.
@@ -17,7 +19,7 @@ from __future__ import annotations
 from finetune.errors import FinetuneError
 
 ROLES = ("system", "user", "assistant")
-KINDS = ("sft", "mcq", "qa", "preference")
+KINDS = ("sft", "mcq", "qa", "preference", "unpaired", "text")
 
 
 def bad_row(where: str, field: str, expected: str, found) -> FinetuneError:
@@ -103,7 +105,29 @@ def check_preference(row: dict, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-CHECKS = {"sft": check_sft, "mcq": check_mcq, "qa": check_qa, "preference": check_preference}
+def check_unpaired(row: dict, where: str) -> dict:
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise bad_row(where, "label", "true (a desirable answer) or false (an undesirable one)", label)
+    return {
+        "prompt": check_messages(row.get("prompt"), where, "prompt", need_assistant=False),
+        "completion": check_messages(row.get("completion"), where, "completion"),
+        "label": label,
+    }
+
+
+def check_text(row: dict, where: str) -> dict:
+    return {"id": str(row.get("id", where)), "text": _text(row, "text", where)}
+
+
+CHECKS = {
+    "sft": check_sft,
+    "mcq": check_mcq,
+    "qa": check_qa,
+    "preference": check_preference,
+    "unpaired": check_unpaired,
+    "text": check_text,
+}
 
 
 def is_classification(row: dict) -> bool:
@@ -198,3 +222,15 @@ def to_preferences(row: dict, kind: str, system_prompt: str | None = None, with_
         for label in row["options"]
         if label != row["answer"]
     ]
+
+
+def to_unpaired(row: dict, kind: str, system_prompt: str | None = None, with_explanation: bool = True) -> list[dict]:
+    """Unpaired rows for KTO: unpaired rows as they are; a preference pair gives its chosen answer as desirable and
+    its rejected one as undesirable; an mcq row gives its correct answer (with its explanation unless
+    `with_explanation` is false) as desirable and each distractor's label as undesirable."""
+    if kind == "unpaired":
+        return [{**row, "prompt": _with_system(row["prompt"], system_prompt)}]
+    pairs = to_preferences(row, kind, system_prompt, with_explanation)
+    # A preference row is one pair; an mcq row's pairs all share its prompt and correct answer.
+    desirable = {"prompt": pairs[0]["prompt"], "completion": pairs[0]["chosen"], "label": True}
+    return [desirable] + [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs]

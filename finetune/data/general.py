@@ -1,5 +1,6 @@
 """General formats shared by many public sets: ShareGPT, Alpaca, prompt/completion, MMLU CSV,
-multiple-choice JSONL, preference pairs (plain strings, message lists, Anthropic HH transcripts).
+multiple-choice JSONL, preference pairs (plain strings, message lists, Anthropic HH transcripts), KTO's unpaired
+rows, and raw text for continued pretraining.
 
 Readers take the canonical field names below; a recipe's `columns:` mapping renames a source's
 own fields to them, so one reader serves every set with the same shape.
@@ -11,8 +12,9 @@ import re
 import string
 from collections.abc import Iterator
 
-from finetune.data import readers
+from finetune.data import files, readers
 from finetune.data.formats import bad_row
+from finetune.errors import FinetuneError
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 MMLU_LABELS = ("A", "B", "C", "D")
@@ -151,6 +153,54 @@ def preference_convert(record: dict, where: str, source: readers.RawSource) -> d
         "prompt": [{"role": "user", "content": prompt}],
         "chosen": [{"role": "assistant", "content": _string(record, "chosen", where)}],
         "rejected": [{"role": "assistant", "content": _string(record, "rejected", where)}],
+    }
+
+
+def text_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
+    """Documents: a folder's .txt files (one each), a .txt file's blank-line-separated blocks, or any other source's
+    records (their `text` field)."""
+    if source.hub is None and source.path.is_dir():
+        found = sorted(p for p in source.path.rglob("*") if p.is_file() and files.suffix(p) == ".txt")
+        if not found:
+            raise FinetuneError(f"{source.path}: no .txt files in the folder; check data.sources[].path")
+        for path in found:
+            yield str(path), {"text": files.read_text(path)}
+    elif source.hub is None and files.suffix(source.path) == ".txt":
+        block, start = [], 0
+        lines = files.read_text(source.path).splitlines()
+        for number, line in enumerate([*lines, ""], start=1):
+            if line.strip():
+                start = start if block else number
+                block.append(line)
+            elif block:
+                yield f"{source.path}:{start}", {"text": "\n".join(block)}
+                block = []
+    else:
+        yield from source.records()
+
+
+@readers.reader("text", "text", records=text_records, card="formats.md")
+def text_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """Raw text for continued pretraining: a .txt file (one document per blank-line-separated block), a folder of
+    .txt files (one document per file), or records with a `text` field (.jsonl, .json, .parquet, a Hub set)."""
+    record = _record(record, where, "text")
+    return {"id": str(record.get("id", where)), "text": _string(record, "text", where)}
+
+
+@readers.reader("kto", "unpaired", card="formats.md")
+def kto_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """KTO rows, one answer each: {prompt, completion, label: true (desirable) | false (undesirable)}; prompt and
+    completion are strings or message lists."""
+    record = _record(record, where, "prompt, completion, label")
+    prompt, completion = record.get("prompt"), record.get("completion")
+    return {
+        "prompt": [{"role": "user", "content": _string(record, "prompt", where)}]
+        if isinstance(prompt, str)
+        else prompt,
+        "completion": [{"role": "assistant", "content": _string(record, "completion", where)}]
+        if isinstance(completion, str)
+        else completion,
+        "label": record.get("label"),
     }
 
 

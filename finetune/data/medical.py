@@ -87,6 +87,27 @@ def pubmedqa_reasoning_free_convert(record: dict, where: str, source: readers.Ra
     return {**row, "id": f"pubmedqa-conclusion-{record['pmid']}", "context": row["explanation"], "explanation": None}
 
 
+@readers.reader("pubmedqa_abstracts", "text", **PUBMEDQA)
+def pubmedqa_abstracts_convert(record: dict, where: str, source: readers.RawSource) -> dict:
+    """PubMedQA PQA-L abstracts as raw text for continued pretraining: the question (the article's title as a
+    question), each section under its label, and the conclusion. Same splits as pubmedqa, so the train split never
+    holds a test abstract."""
+    if not isinstance(record, dict):
+        raise bad_row(where, "(record)", "an object with QUESTION, CONTEXTS, LABELS, LONG_ANSWER", record)
+    contexts = record.get("CONTEXTS")
+    if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
+        raise bad_row(where, "CONTEXTS", "a non-empty list of strings", contexts)
+    labels = record.get("LABELS")
+    if not isinstance(labels, list) or len(labels) != len(contexts):
+        labels = [None] * len(contexts)  # the sections are still the abstract without their headings
+    parts = [record["QUESTION"].strip()] if isinstance(record.get("QUESTION"), str) else []
+    parts += [f"{label}: {text.strip()}" if label else text.strip() for label, text in zip(labels, contexts)]
+    conclusion = record.get("LONG_ANSWER")
+    if isinstance(conclusion, str) and conclusion.strip():
+        parts.append(f"CONCLUSIONS: {conclusion.strip()}")
+    return {"id": f"pubmedqa-abstract-{record['pmid']}", "text": "\n\n".join(parts)}
+
+
 @readers.reader(
     "medmcqa",
     "mcq",

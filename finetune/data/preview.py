@@ -36,8 +36,12 @@ def sources_info(recipe: Recipe) -> str:
 
 def preview(recipe: Recipe, tokenizer, n: int, color: bool) -> str:
     """The first n training rows rendered with trained spans marked, then row counts and a length histogram."""
-    rows, stats = build.chat_rows(recipe.data, recipe.train.seed)
-    encoded = [build.tokenize(tokenizer, row["messages"]) for row in rows]
+    if recipe.raw_text:
+        rows, stats = build.text_rows(recipe.data, recipe.train.seed)
+        encoded = [build.tokenize_text(tokenizer, row["text"]) for row in rows]
+    else:
+        rows, stats = build.chat_rows(recipe.data, recipe.train.seed)
+        encoded = [build.tokenize(tokenizer, row["messages"]) for row in rows]
     out = []
     for index, tokens in enumerate(encoded[:n]):
         trained = sum(label != build.IGNORE for label in tokens["labels"])
@@ -45,9 +49,10 @@ def preview(recipe: Recipe, tokenizer, n: int, color: bool) -> str:
         out.append(render_spans(tokenizer, tokens, color))
     lengths = [len(tokens["input_ids"]) for tokens in encoded]
     dropped = sum(length > recipe.data.max_length for length in lengths)
+    fate = "split across packs" if recipe.raw_text else "dropped in training"
     out.append(
         f"── {len(rows)} rows, {stats['duplicates']} duplicates removed, {dropped} longer than "
-        f"max_length={recipe.data.max_length} (dropped in training)"
+        f"max_length={recipe.data.max_length} ({fate})"
     )
     out.append("trained spans are " + ("green" if color else "between ⟦ and ⟧"))
     out.append(length_histogram(lengths))

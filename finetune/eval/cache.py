@@ -54,7 +54,9 @@ def base_cache_file(recipe: Recipe, tokenizer, task: Task, items: list[dict], ba
         tokenizer.chat_template,
         task.model_dump_json(),
         str(batch_size),
-        json.dumps([{k: it[k] for k in ("messages", "options", "answer") if k in it} for it in items], sort_keys=True),
+        json.dumps(
+            [{k: it[k] for k in ("messages", "options", "answer", "text") if k in it} for it in items], sort_keys=True
+        ),
     ):
         digest.update(part.encode())
         digest.update(b"\0")

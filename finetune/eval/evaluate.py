@@ -10,10 +10,13 @@ to answer.
   for its length); `accuracy_sum` (the raw sum) is reported beside it.
 - qa rows (TAT-QA, ConvFinQA) are answered by greedy decoding and scored by exact match, token F1
   and numeric match (scale words, percent, commas and negatives in parentheses understood).
+- text rows (documents) are scored by perplexity, tokenized as continued pretraining tokenizes them:
+  the model's own measure of how well it knows held-out text of the domain. Lower is better.
 
 Base and adapter are scored on the same examples, so the 95% confidence interval of the delta is a
-paired bootstrap over examples. A task whose whole interval lies below 0 is a regression. The base
-model's scores are cached (eval/cache.py), so a rerun on the same base scores only the adapter.
+paired bootstrap over examples. A task whose whole interval lies on the worse side of 0 (below it;
+above it for perplexity) is a regression. The base model's scores are cached (eval/cache.py), so a
+rerun on the same base scores only the adapter.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from finetune import runs
 from finetune.errors import FinetuneError
 from finetune.eval.cache import score_base
-from finetune.eval.metrics import mean, paired_bootstrap
+from finetune.eval.metrics import is_regression, mean, paired_bootstrap
 from finetune.eval.prompts import examples
 from finetune.eval.report import ci_text, regressions, write_report
 from finetune.eval.scoring import score_task
@@ -56,7 +59,7 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
         base, adapter = scored["base"]["per_example"][metric], scored["adapter"]["per_example"][metric]
         entry["delta"] = entry["adapter"] - entry["base"]
         entry["ci95"] = list(paired_bootstrap(base, adapter, resamples, seed))
-        entry["regression"] = entry["ci95"][1] < 0
+        entry["regression"] = is_regression(metric, entry["ci95"])
     else:
         entry.update(adapter=None, delta=None, ci95=None, regression=False)
     if task.kind == "mcq":
@@ -66,6 +69,8 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
             "gold": _counts(it["answer"] for it in items),
             **{label: _counts(r["predictions"]) for label, r in scored.items()},
         }
+    elif task.kind == "text":
+        entry["tokens"] = sum(scored["base"]["predictions"])  # tokens scored: the same for every model
     else:
         entry["examples"] = [
             {"id": it["id"], "answer": it["answer"], **{label: r["predictions"][i] for label, r in scored.items()}}

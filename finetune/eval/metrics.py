@@ -1,4 +1,5 @@
-"""Metrics: exact match, token F1 and numeric match for generated answers; means and the paired bootstrap."""
+"""Metrics: exact match, token F1 and numeric match for generated answers; which way is better; means and the paired
+bootstrap."""
 
 from __future__ import annotations
 
@@ -101,6 +102,18 @@ def numeric_match(prediction: str, gold: str, tolerance: float = 1e-3) -> float:
 
 
 # ---------------------------------------------------------------- statistics
+
+LOWER_IS_BETTER = ("perplexity",)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
+
+
+def is_regression(metric: str, ci95) -> bool:
+    """Whether the whole 95% interval of the delta (adapter - base) lies on the worse side of zero: below it, or
+    above it for a metric where lower is better."""
+    return ci95[0] > 0 if lower_is_better(metric) else ci95[1] < 0
 
 
 def mean(values: list[float]) -> float:

@@ -53,7 +53,8 @@ def conversation(row: dict, kind: str, system_prompt: str | None, shots: list[di
 
 
 def examples(task: Task, system_prompt: str | None, seed: int = 0, n: int | None = None) -> list[dict]:
-    """The task's scored examples: {id, messages (up to the question), options | answer, row}."""
+    """The task's scored examples: {id, messages (up to the question), options | answer, row}; documents (text rows):
+    {id, text, row}."""
     limit = min(x for x in (task.n, n) if x is not None) if (task.n or n) else None
     files = {path: read_source(_source(task, path), "error", seed)[1] for path in task_files(task)}
     rows = [(path, row) for path, file_rows in files.items() for row in file_rows]
@@ -65,6 +66,8 @@ def examples(task: Task, system_prompt: str | None, seed: int = 0, n: int | None
     if limit is not None and len(rows) > limit:
         rows = random.Random(seed).sample(rows, limit)
     shared = demonstrations(task, [row for _, row in rows], seed) if isinstance(task.shots_from, ShotsSource) else []
+    if task.kind == "text":
+        return [{"id": row["id"], "text": row["text"], "row": row} for _, row in rows]
     out = []
     for path, row in rows:
         shots = own_file_shots(task, files[path], row, seed) if task.shots_from == "same" else shared

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from finetune import plots, runs
+from finetune.eval.metrics import lower_is_better
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def table(result: dict) -> str:
         delta = f"{t['delta']:+.3f}" if t["delta"] is not None else "–"
         cells = [
             name,
-            t["metric"],
+            f"{t['metric']} (lower is better)" if lower_is_better(t["metric"]) else t["metric"],
             str(t["n"]),
             _score(t["base"]),
             _score(t["adapter"]),
@@ -72,6 +73,12 @@ def markdown(result: dict) -> str:
         f"qa: greedy answers). The 95% interval is a paired bootstrap of the delta over examples "
         f"({b['resamples']} resamples, seed {b['seed']}); REGRESSION marks an interval entirely below 0.",
     ]
+    if any(lower_is_better(t["metric"]) for t in result["tasks"].values()):
+        lines += [
+            "",
+            "Perplexity is exp of a document's mean next-token loss, averaged over documents; lower is better, so "
+            "there REGRESSION marks an interval entirely above 0.",
+        ]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}"]
     picks = [

@@ -1,10 +1,13 @@
-"""Scoring one model on a task's examples: option log-likelihood for multiple choice, greedy answers for QA."""
+"""Scoring one model on a task's examples: option log-likelihood for multiple choice, greedy answers for QA,
+perplexity for documents."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
 from finetune.eval.metrics import exact_match, numeric_match, token_f1
@@ -12,10 +15,13 @@ from finetune.eval.suite import Task
 
 
 def score_task(model, tokenizer, items: list[dict], task: Task, batch_size: int) -> dict:
-    """Per-example scores of every metric for one model, plus its predictions (the picked option, or the answer)."""
+    """Per-example scores of every metric for one model, plus its predictions (the picked option, the answer, or the
+    number of tokens a document was scored on)."""
     started = time.perf_counter()
     if task.kind == "mcq":
         per_example, predictions = score_mcq(model, tokenizer, items, task, batch_size)
+    elif task.kind == "text":
+        per_example, predictions = score_text(model, tokenizer, items, task, batch_size)
     else:
         per_example, predictions = score_qa(model, tokenizer, items, task, batch_size)
     return {"per_example": per_example, "predictions": predictions, "seconds": time.perf_counter() - started}
@@ -172,3 +178,47 @@ def score_qa(
         per_example["f1"].append(token_f1(prediction, it["answer"]))
         per_example["numeric_match"].append(numeric_match(prediction, it["answer"], task.tolerance))
     return per_example, predictions
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+@torch.inference_mode()
+def score_text(
+    model, tokenizer, items: list[dict], task: Task, batch_size: int
+) -> tuple[dict[str, list[float]], list[int]]:
+    """Per-document perplexity (exp of the mean loss over the tokens after the first) and mean loss, with documents
+    tokenized as continued pretraining tokenizes them (data.build.tokenize_text: the text, then EOS), in windows of
+    task.max_length tokens; each window's first token has no context and is not scored, as in a training pack."""
+    from finetune.data.build import tokenize_text
+
+    windows = [
+        (index, ids[start : start + task.max_length])
+        for index, item in enumerate(items)
+        for ids in [tokenize_text(tokenizer, item["text"])["input_ids"]]
+        for start in range(0, len(ids), task.max_length)
+    ]
+    windows = [(index, ids) for index, ids in windows if len(ids) > 1]
+    nll, counts = [0.0] * len(items), [0] * len(items)
+    # Longest first: batches hold similar lengths (less padding) and an out-of-memory shows at once.
+    windows.sort(key=lambda window: -len(window[1]))
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        width = max(len(ids) for _, ids in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (_, window) in enumerate(batch):
+            ids[row, : len(window)] = torch.tensor(window)
+            mask[row, : len(window)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+        losses = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none"
+        ).cpu()
+        scored = mask[:, 1:].bool()
+        for row, (index, _) in enumerate(batch):
+            nll[index] += losses[row][scored[row]].sum().item()
+            counts[index] += int(scored[row].sum())
+    if any(count == 0 for count in counts):
+        raise FinetuneError("a text task's document has fewer than two tokens: nothing to score; remove it")
+    mean_loss = [total / count for total, count in zip(nll, counts)]
+    return {"perplexity": [math.exp(loss) for loss in mean_loss], "loss": mean_loss}, counts

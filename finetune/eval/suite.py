@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 MCQ_METRICS = ("accuracy", "accuracy_sum")
 QA_METRICS = ("numeric_match", "exact_match", "f1")
+TEXT_METRICS = ("perplexity",)
+METRICS = {"mcq": MCQ_METRICS, "qa": QA_METRICS, "text": TEXT_METRICS}
 
 
 class ShotsSource(ReaderInput):
@@ -37,10 +39,11 @@ class Task(ReaderInput):
     n: int | None = Field(
         None, gt=0, description="Score at most this many rows (a seeded sample); all rows when absent."
     )
-    metric: Literal["accuracy", "accuracy_sum", "numeric_match", "exact_match", "f1"] | None = Field(
+    metric: Literal["accuracy", "accuracy_sum", "numeric_match", "exact_match", "f1", "perplexity"] | None = Field(
         None,
         description="Headline metric. mcq rows: accuracy (option log-likelihood per token) or accuracy_sum (summed); "
-        "qa rows: numeric_match, exact_match or f1. Default: accuracy for mcq, numeric_match for qa.",
+        "qa rows: numeric_match, exact_match or f1; text rows (documents): perplexity, lower is better. Default: "
+        "accuracy for mcq, numeric_match for qa, perplexity for text.",
     )
     shots: int = Field(0, ge=0, description="Demonstrations put before each question as earlier user/assistant turns.")
     shots_from: ShotsSource | Literal["same"] | None = Field(
@@ -52,22 +55,27 @@ class Task(ReaderInput):
     )
     max_new_tokens: int = Field(32, gt=0, description="qa rows: longest generated answer.")
     tolerance: float = Field(1e-3, ge=0, description="qa rows: relative tolerance of numeric_match.")
+    max_length: int = Field(
+        1024, gt=1, description="text rows: a document longer than this many tokens is scored in windows this long."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Task:
         if self.path is None:
             raise ValueError("a task needs a path: the file (or glob pattern) its rows are read from")
         kind = READERS[self.reader].kind
-        if kind not in ("mcq", "qa"):
+        if kind not in METRICS:
             raise ValueError(
-                f"reader {self.reader!r} yields {kind} rows; a task needs mcq or qa rows (multiple choice, "
-                "classification or QA)"
+                f"reader {self.reader!r} yields {kind} rows; a task needs mcq, qa or text rows (multiple choice, "
+                "classification, QA, or documents scored by perplexity)"
             )
-        allowed = MCQ_METRICS if kind == "mcq" else QA_METRICS
+        allowed = METRICS[kind]
         if self.metric is None:
             self.metric = allowed[0]
         elif self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} does not apply to {kind} rows; use one of {', '.join(allowed)}")
+        if self.shots and kind == "text":
+            raise ValueError("shots do not apply to text rows: a document is scored on its own; remove shots")
         if self.shots and self.shots_from is None:
             raise ValueError(
                 "shots > 0 needs shots_from: {path, reader, split} naming where the demonstrations come from"
