@@ -36,7 +36,7 @@ def one(variant: str, steps: int) -> dict:
         per_device_train_batch_size=2,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=recipe.data.max_length,
         save_strategy="no",

@@ -117,6 +117,7 @@ def worker(name: str, base: str, template: str, rows_file: Path, steps: int, wor
     from finetune import runs, train
 
     trained, real, _ = sft_speed.token_counts(rows_file)
+    work.mkdir(parents=True, exist_ok=True)
     if name == "trl-lora":
         chat = work / "template.jinja"
         from finetune import model as model_lib

@@ -36,8 +36,8 @@ def _setting(overrides: list[str]) -> str:
     return ", ".join(f"`{o}`" for o in overrides) if overrides else "the recipe as written"
 
 
-def render() -> str:
-    """The Markdown that goes between the markers."""
+def render(results: Path = RESULTS) -> str:
+    """The Markdown that goes between the markers, from the result files under `results`."""
     test_rows = [
         "| domain | chosen on validation | test task (n) | metric | base | adapter | delta | 95% CI |",
         "|---|---|---|---|---:|---:|---:|---|",
@@ -46,9 +46,9 @@ def render() -> str:
         "| domain | variant | validation task (n) | base | adapter | delta | 95% CI | steps | train time |",
         "|---|---|---|---:|---:|---:|---|---:|---:|",
     ]
-    missing = []
+    missing, subsets = [], []
     for domain in DOMAINS:
-        folder = RESULTS / domain
+        folder = results / domain
         if not (folder / "sweep.json").is_file() or not (folder / "eval.json").is_file():
             missing.append(domain)
             continue
@@ -62,6 +62,8 @@ def render() -> str:
                 f"{task['metric']} | "
                 f"{task['base']:.3f} | {task['adapter']:.3f} | {_delta(task)} | {_ci(task['ci95'])} |"
             )
+        if sweep.get("select_with"):
+            subsets.append(f"{domain}: {_setting(sweep['select_with'])}")
         for v in sweep["variants"]:
             mark = " (winner)" if v["variant"] == sweep["winner"] else ""
             selection.append(
@@ -69,6 +71,8 @@ def render() -> str:
                 f"{v['score']:.3f} | "
                 f"{v['delta']:+.3f} | {_ci(v['ci95'])} | {v['steps']} | {v['wall_time_s'] / 60:.0f} min |"
             )
+    if len(missing) == len(DOMAINS):
+        return f"Not run yet: {', '.join(missing)} (`bash benchmarks/real_data.sh {' '.join(missing)}`)."
     lines = [
         "Test scores, each from the one model its sweep chose on validation (bold: the 95% interval of the "
         "delta excludes 0):",
@@ -79,14 +83,19 @@ def render() -> str:
         "",
         *selection,
     ]
+    if subsets:
+        lines += [
+            "",
+            f"Variants trained on a subset to choose, the winner then trained in full: {'; '.join(subsets)}.",
+        ]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`bash benchmarks/real_data.sh {' '.join(missing)}`)."]
     return "\n".join(lines)
 
 
-def updated(readme: str) -> str:
+def updated(readme: str, results: Path = RESULTS) -> str:
     start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    return readme[:start] + "\n" + render() + "\n" + readme[end:]
+    return readme[:start] + "\n" + render(results) + "\n" + readme[end:]
 
 
 def main() -> None:

@@ -195,13 +195,18 @@ def finished_recipe(run_dir: Path):
     return validate(data, str(folder.recipe))
 
 
-def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuse a finished run (unless overwrite) or a folder that cannot be written, leaving nothing behind:
-    the probe file goes into the nearest folder that exists, and is removed at once."""
+def check_not_finished(out: Path, overwrite: bool) -> None:
+    """Refuse to train over a finished run unless overwrite. Checked after the other inputs, whose errors are the
+    user's real problem when both apply."""
     if RunFolder(out).finished and not overwrite:
         raise FinetuneError(
             f"{out}: a finished run is already there; pass --overwrite to replace it, or set train.output_dir"
         )
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a folder that cannot be written, leaving nothing behind: the probe file goes into the nearest folder
+    that exists, and is removed at once."""
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     try:
         if not existing.is_dir():
@@ -214,7 +219,7 @@ def check_writable(out: Path, overwrite: bool) -> None:
 
 
 def prepare(out: Path, overwrite: bool) -> None:
-    """Create the run folder, replacing a finished run when overwrite; call check_writable first."""
+    """Create the run folder, replacing a finished run when overwrite; call check_writable and check_not_finished first."""
     if RunFolder(out).finished and overwrite:
         shutil.rmtree(out)
     try:

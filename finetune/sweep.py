@@ -111,7 +111,7 @@ def plan(name_or_path: str, overrides: list[str], grid_args: list[str]) -> dict:
     final = None
     if section.select_with:
         final = {"data": data, "origin": config.shown(path), "folder": root / "final"}
-    runs.check_writable(root, overwrite=True)
+    runs.check_writable(root)
     return {
         "base": base,
         "root": root,

@@ -107,13 +107,14 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train the recipe's adapter (continuing train.init_from's when set); returns the run folder."""
     out = recipe.output_dir
     methods.check(recipe)
+    runs.check_writable(out)
     start_adapter = init_adapter(recipe)
     named = named_resume(recipe)
     # The main process converts the model and fills the token cache; the others then read them.
     with distributed.main_first():
         tokenizer = model_lib.tokenizer_for(recipe.model)
         data = build(recipe, tokenizer) if recipe.train.method == "sft" else build_preferences(recipe, tokenizer)
-    runs.check_writable(out, overwrite)
+    runs.check_not_finished(out, overwrite)
     with distributed.main_first():
         model, tokenizer = model_lib.load(methods.model_section(recipe), tokenizer=tokenizer)
     fresh = not out.exists()

@@ -33,7 +33,7 @@ def trainer(cls, tiny_llama_dir, tmp_path, **kwargs):
         use_cpu=True,
         bf16=False,
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
     )

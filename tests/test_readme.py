@@ -1,0 +1,55 @@
+"""The README's real-data tables are generated from the committed result files and must match them."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_results():
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "benchmarks" / "readme_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_tables_match_the_committed_result_files():
+    module = _readme_results()
+    readme = (ROOT / "README.md").read_text()
+    assert module.BEGIN in readme and module.END in readme
+    assert module.updated(readme) == readme, "README is stale: run .venv/bin/python benchmarks/readme_results.py"
+
+
+def _write_domain(folder: Path, adapter: float) -> None:
+    folder.mkdir(parents=True)
+    variant = {
+        "variant": "train.epochs=2",
+        "overrides": ["train.epochs=2"],
+        "n": 100,
+        "base": 0.41,
+        "score": 0.52,
+        "delta": 0.11,
+        "ci95": [0.03, 0.19],
+        "steps": 120,
+        "wall_time_s": 1800.0,
+    }
+    sweep = {"task": "pubmedqa", "winner": "train.epochs=2", "variants": [variant], "select_with": []}
+    task = {"n": 500, "metric": "accuracy", "base": 0.538, "adapter": adapter, "delta": adapter - 0.538}
+    task["ci95"] = [task["delta"] - 0.05, task["delta"] + 0.05]
+    (folder / "sweep.json").write_text(json.dumps(sweep))
+    (folder / "eval.json").write_text(json.dumps({"tasks": {"pubmedqa": task}}))
+
+
+def test_tables_are_rendered_from_the_files(tmp_path):
+    module = _readme_results()
+    _write_domain(tmp_path / "medical", adapter=0.612)
+    text = module.render(tmp_path)
+    assert "| medical | `train.epochs=2` | pubmedqa (500) | accuracy | 0.538 | 0.612 | **+0.074** | [+0.024, +0.124] |" in text
+    assert "| medical | `train.epochs=2` (winner) | pubmedqa (100) | 0.410 | 0.520 | +0.110 | [+0.030, +0.190] | 120 | 30 min |" in text
+    assert "Not run yet: legal, finance" in text
+    # a changed result file changes the section (so the README test fails until it is regenerated);
+    # a delta whose interval includes 0 is not bold
+    task = {"n": 500, "metric": "accuracy", "base": 0.538, "adapter": 0.54, "delta": 0.002, "ci95": [-0.03, 0.034]}
+    (tmp_path / "medical" / "eval.json").write_text(json.dumps({"tasks": {"pubmedqa": task}}))
+    assert "| 0.538 | 0.540 | +0.002 | [-0.030, +0.034] |" in module.render(tmp_path)
