@@ -219,7 +219,8 @@ def check_writable(out: Path) -> None:
 
 
 def prepare(out: Path, overwrite: bool) -> None:
-    """Create the run folder, replacing a finished run when overwrite; call check_writable and check_not_finished first."""
+    """Create the run folder, replacing a finished run when overwrite; check_writable and check_not_finished
+    come first."""
     if RunFolder(out).finished and overwrite:
         shutil.rmtree(out)
     try:
