@@ -79,6 +79,12 @@ def load(path: Path, n_ctx: int = 1024, logits_all: bool = True):
             ) from None
 
 
+def close(llm) -> None:
+    """Free the model; llama.cpp reports its buffers as it tears the context down, so this is quiet too."""
+    with _quiet_llama_cpp():
+        llm.close()
+
+
 def _logits(llm, ids: list[int]) -> torch.Tensor:
     llm.reset()
     llm.eval(ids)
@@ -159,7 +165,7 @@ def _llama_cpp_figures(gguf_path: Path, tokenizer, prompts, reference, reference
         tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
         same += tokens == ids[0].tolist()
     figures["tokenization_agreement"] = same / len(prompts)
-    llm.close()
+    close(llm)
     return figures
 
 
@@ -222,7 +228,7 @@ def compare_quant(f16_path: Path, quant_path: Path, texts: list[str], outtype: s
             nll += float(torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum"))
             count += len(ids) - 1
             tops.append(logits[:-1].argmax(-1))
-        llm.close()
+        close(llm)
         figures[f"perplexity_{kind}"] = math.exp(nll / count)
         predictions[kind] = torch.cat(tops)
     figures["top1_agreement_with_f16"] = float((predictions["f16"] == predictions[outtype]).float().mean())

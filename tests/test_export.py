@@ -171,13 +171,15 @@ def llama_cpp_verifier():
         ("transformers", "f16", 0.05),
     ],
 )
-def test_gguf_round_trip(merged_run, monkeypatch, verifier, outtype, limit):
+def test_gguf_round_trip(merged_run, monkeypatch, capfd, verifier, outtype, limit):
     if verifier == "llama.cpp":
         expected = llama_cpp_verifier()
     else:
         monkeypatch.setattr(gguf_check, "llama_cpp_version", lambda: None)  # as on a machine without the extra
         expected = "transformers (llama-cpp-python not installed)"
     path = gguf_export.export(merged_run, outtype)
+    # llama.cpp reports every tensor it loads and every buffer it frees; none of it may reach the user.
+    assert "llama" not in capfd.readouterr().err
     assert path == merged_run / "gguf" / f"tiny-{outtype}.gguf"
     reader, fields = read_gguf(path)
     names = [t.name for t in reader.tensors]
