@@ -9,11 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from finetune.errors import FinetuneError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Section(BaseModel):
+    """A strict part of a config file: an unknown key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The recipe schema: every key, its type, its one default and its meaning (`finetune recipes schema` prints it).
 
-Loading (by name or path, `extends:`, overrides, error lines) is config.py's; unknown keys are errors.
+Loading (by name or path, `extends:`, overrides, error lines) is config.py's; unknown keys are errors. The dpo, kto
+and orpo sections are in method_sections.py.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from finetune import config
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+from finetune.config import Section
+from finetune.method_sections import METHOD_ROWS, METHOD_SECTIONS, DpoSection, KtoSection, OrpoSection
 
 
 class ModelSection(Section):
@@ -215,65 +214,6 @@ class TrainSection(Section):
         return [value] if isinstance(value, str) else value
 
 
-DPO_LOSSES = (
-    "sigmoid",
-    "ipo",
-    "hinge",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "nca_pair",
-    "exo_pair",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-)
-
-
-class DpoSection(Section):
-    beta: float = Field(
-        0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer)."
-    )
-    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description=f"TRL's DPO loss: {', '.join(DPO_LOSSES)}.")
-    precompute_ref_log_probs: bool = Field(
-        False, description="Score the reference once before training (faster steps, same logs; ~1.6x on CPU)."
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust)."
-    )
-
-
-class KtoSection(Section):
-    beta: float = Field(
-        0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer)."
-    )
-    desirable_weight: float = Field(
-        1.0,
-        gt=0,
-        description="Loss weight of desirable answers. With fewer desirable than undesirable rows (multiple choice "
-        "gives one correct answer per distractors), raise it so that weight x count is about equal (TRL's advice).",
-    )
-    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable answers.")
-    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
-        "kto", description="TRL's KTO loss: kto, or apo_zero_unpaired (no KL term)."
-    )
-    precompute_ref_log_probs: bool = Field(
-        False, description="Score the reference once before training (faster steps, same logs)."
-    )
-
-
-class OrpoSection(Section):
-    beta: float = Field(
-        0.1,
-        gt=0,
-        description="Weight of the odds-ratio term next to the chosen answer's NLL (the paper's lambda): higher "
-        "pushes the rejected answer down harder.",
-    )
-
-
 class EvalSection(Section):
     suite: str | None = Field(
         "auto",
@@ -327,25 +267,6 @@ class SweepSection(Section):
     output_dir: str = Field(
         "runs/{name}-sweep", description="Where the variants, the winner and sweep.json / .md / .png go."
     )
-
-
-METHOD_SECTIONS = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection}
-PREFERENCE_READERS = "a preference reader (preference, preference_messages, hh_rlhf) or a multiple-choice source"
-# The row kinds each method trains on, what it calls them, and the readers that give them.
-METHOD_ROWS = {
-    "sft": (
-        ("sft", "mcq", "qa", "text"),
-        "conversations or raw text",
-        "a chat, instruction, multiple-choice, QA or text reader",
-    ),
-    "dpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
-    "orpo": (("preference", "mcq"), "preference pairs", PREFERENCE_READERS),
-    "kto": (
-        ("unpaired", "preference", "mcq"),
-        "desirable and undesirable answers",
-        f"the kto reader, {PREFERENCE_READERS}",
-    ),
-}
 
 
 class Recipe(Section):

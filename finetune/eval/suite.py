@@ -8,9 +8,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from finetune import config
+from finetune.config import Section
 from finetune.data.readers import READERS
 from finetune.errors import FinetuneError
-from finetune.recipe import ReaderInput, Recipe, Section
+from finetune.recipe import ReaderInput, Recipe
 
 log = logging.getLogger(__name__)
 
