@@ -33,7 +33,8 @@ def _delta(task: dict) -> str:
 
 
 def _setting(overrides: list[str]) -> str:
-    return ", ".join(f"`{o}`" for o in overrides) if overrides else "the recipe as written"
+    # YAML-dumped overrides (a list of sources) carry line breaks, which would end a Markdown table row.
+    return ", ".join(f"`{' '.join(o.split())}`" for o in overrides) if overrides else "the recipe as written"
 
 
 def render(results: Path = RESULTS) -> str:
@@ -46,7 +47,7 @@ def render(results: Path = RESULTS) -> str:
         "| domain | variant | validation task (n) | base | adapter | delta | 95% CI | steps | train time |",
         "|---|---|---|---:|---:|---:|---|---:|---:|",
     ]
-    missing, subsets = [], []
+    missing, subsets, meanings = [], [], []
     for domain in DOMAINS:
         folder = results / domain
         if not (folder / "sweep.json").is_file() or not (folder / "eval.json").is_file():
@@ -55,7 +56,7 @@ def render(results: Path = RESULTS) -> str:
         sweep = json.loads((folder / "sweep.json").read_text())
         scores = json.loads((folder / "eval.json").read_text())
         winner = next(v for v in sweep["variants"] if v["variant"] == sweep["winner"])
-        setting = _setting(winner["overrides"])
+        setting = f"`{winner['variant']}`"
         for i, (name, task) in enumerate(scores["tasks"].items()):
             test_rows.append(
                 f"| {domain if i == 0 else ''} | {setting if i == 0 else ''} | {name} ({task['n']}) | "
@@ -64,6 +65,11 @@ def render(results: Path = RESULTS) -> str:
             )
         if sweep.get("select_with"):
             subsets.append(f"{domain}: {_setting(sweep['select_with'])}")
+        spelled = [v for v in sweep["variants"] if [v["variant"]] != v["overrides"]]
+        if spelled:
+            meanings.append(
+                f"{domain}: " + "; ".join(f"`{v['variant']}` = {_setting(v['overrides'])}" for v in spelled)
+            )
         for v in sweep["variants"]:
             mark = " (winner)" if v["variant"] == sweep["winner"] else ""
             selection.append(
@@ -83,6 +89,8 @@ def render(results: Path = RESULTS) -> str:
         "",
         *selection,
     ]
+    if meanings:
+        lines += ["", f"The variants: {'. '.join(meanings)}."]
     if subsets:
         lines += [
             "",

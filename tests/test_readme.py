@@ -58,3 +58,16 @@ def test_tables_are_rendered_from_the_files(tmp_path):
     task = {"n": 500, "metric": "accuracy", "base": 0.538, "adapter": 0.54, "delta": 0.002, "ci95": [-0.03, 0.034]}
     (tmp_path / "medical" / "eval.json").write_text(json.dumps({"tasks": {"pubmedqa": task}}))
     assert "| 0.538 | 0.540 | +0.002 | [-0.030, +0.034] |" in module.render(tmp_path)
+
+
+def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_one_line(tmp_path):
+    module = _readme_results()
+    _write_domain(tmp_path / "medical", adapter=0.612)
+    sweep_file = tmp_path / "medical" / "sweep.json"
+    sweep = json.loads(sweep_file.read_text())
+    sweep["winner"] = sweep["variants"][0]["variant"] = "sources=1"
+    sweep["variants"][0]["overrides"] = ["data.sources=[{path: a.json,\n    reader: pubmedqa}]"]
+    sweep_file.write_text(json.dumps(sweep))
+    text = module.render(tmp_path)
+    assert "| medical | `sources=1` | pubmedqa (500) |" in text
+    assert "The variants: medical: `sources=1` = `data.sources=[{path: a.json, reader: pubmedqa}]`." in text
