@@ -191,11 +191,12 @@ def write_rows(source: Path, n: int, target: Path) -> None:
     target.write_text("".join(json.dumps(to_sft(row, reader.kind, system)) + "\n" for row in rows[:n]))
 
 
-def matmul_flops(seconds: float = 3.0, size: int = 1024) -> float:
-    """Dense fp32 matmul FLOP/s of this machine with torch's default threads: the ceiling for utilization."""
+def matmul_flops(seconds: float = 3.0, size: int = 1024, dtype=None) -> float:
+    """Dense matmul FLOP/s of this machine with torch's default threads (fp32 unless told): the ceiling for
+    utilization."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(3):
         a @ b
     done, started = 0, time.perf_counter()

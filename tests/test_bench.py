@@ -79,3 +79,27 @@ def test_the_gpu_benchmark_dry_run_trains_every_variant_on_the_cpu(tmp_path):
         ("tiny-llama3", "ours-lora-packing"),
     ]
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in report["results"]), report["results"]
+
+
+@pytest.mark.slow
+def test_the_step_profile_smoke_run_splits_the_training_time_into_op_groups(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "step_profile.py"), "--smoke", "--out", str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_file,) = tmp_path.glob("profile-*.json")
+    report = json.loads(report_file.read_text())
+    assert list(report["seconds"]) == ["matmul", "attention", "dropout", "other"]
+    # A LoRA step on a frozen base is mostly matmuls, and PEFT's dropout draws its masks on every step.
+    total = sum(report["seconds"].values())
+    assert 0.3 < report["seconds"]["matmul"] / total < 1 and report["seconds"]["dropout"] > 0
+    assert report["data"] == {"rows": 2, "steps": 1, "batch_size": 2}
+    assert set(report["matmul_gflops"]) == {"float32", "bfloat16"} and report["matmul_gflops"]["float32"] > 0
+    markdown = (tmp_path / report_file.name.replace(".json", ".md")).read_text()
+    bound = round(total / report["seconds"]["matmul"], 2)
+    assert f"no lever outside them can exceed {bound:.2f}x" in markdown
+    assert not list(tmp_path.glob("*.jsonl")), "the data rows must not be left in the output folder"

@@ -1,0 +1,132 @@
+"""Where the toolkit's SFT training time goes on CPU, and what that leaves for any speed lever.
+
+Trains exactly what `make bench` trains as "ours" (sft_speed.run_ours: the same PubMedQA rows, LoRA r16 on
+all linear layers with dropout 0.05, micro-batches of 2, the LM head over trained positions only) under
+torch.profiler, and groups the aten ops' self time:
+
+    matmul      dense matrix products (forward, and the backward to the activations, through every frozen
+                layer, plus the LoRA products): the same work in TRL and here, and what fp32 cannot avoid
+    attention   scaled-dot-product attention, forward and backward
+    dropout     LoRA dropout's random masks (PEFT draws one per adapted module, also for q, k and v, which share
+                their input)
+    other       elementwise ops, norms, the optimizer, copies
+
+The matmul share bounds every lever that leaves the matmuls as they are (compile, fusion, allocators): with all
+other ops free the training would run 1 / share times faster. It also measures the one lever that would make the
+matmuls themselves cheaper, bf16 compute: dense bf16 against fp32 matmul FLOP/s on this machine.
+
+    .venv/bin/python benchmarks/step_profile.py                      # appends its table to RESULTS.md
+    .venv/bin/python benchmarks/step_profile.py --smoke --out /tmp/p  # CI: the project's sample, 2 rows, 1 step
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import sft_speed  # noqa: E402 - beside this file
+
+GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("scaled_dot_product",),
+    "dropout": ("aten::bernoulli", "aten::native_dropout"),
+}
+
+
+def group_of(op: str) -> str:
+    for group, names in GROUPS.items():
+        if any(name in op for name in names):
+            return group
+    return "other"
+
+
+def profile_training(rows_file: Path, steps: int, batch_size: int) -> tuple[dict[str, float], dict]:
+    """Self CPU seconds per group over one `finetune` training run, and that run's own summary."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = sft_speed.run_ours(rows_file, steps, batch_size, Path(tmp), [], sft_speed.LORA["r"])
+    seconds = dict.fromkeys([*GROUPS, "other"], 0.0)
+    for event in prof.key_averages():
+        seconds[group_of(event.key)] += event.self_cpu_time_total / 1e6
+    result["torch_threads"] = torch.get_num_threads()
+    return seconds, result
+
+
+def render(report: dict) -> str:
+    total = sum(report["seconds"].values())
+    share = {group: s / total for group, s in report["seconds"].items()}
+    d = report["data"]
+    lines = [
+        f"## Where a training step's time goes, {report['date'][:10]}: matmuls {100 * share['matmul']:.0f}%, so no "
+        f"lever outside them can exceed {1 / share['matmul']:.2f}x",
+        "",
+        f"`benchmarks/step_profile.py`: ours (as in `make bench`) under torch.profiler, {d['rows']} PubMedQA rows, "
+        f"{d['steps']} steps of {d['batch_size']}, {report['torch_threads']} torch threads; training ran "
+        f"{report['train_runtime_s']:.1f} s under the profiler.",
+        "",
+        "| ops | self CPU s | share |",
+        "|---|---:|---:|",
+        *(f"| {group} | {s:.1f} | {100 * share[group]:.1f}% |" for group, s in report["seconds"].items()),
+        "",
+        f"Dense matmul on this machine: fp32 {report['matmul_gflops']['float32']} GFLOP/s, bf16 "
+        f"{report['matmul_gflops']['bfloat16']} GFLOP/s (torch CPU capability {report['cpu_capability']}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=16, help="PubMedQA training items (default 16)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (default 8)")
+    parser.add_argument("--smoke", action="store_true", help="CI: 2 rows of the project's sample, one step")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and table"
+    )
+    a = parser.parse_args()
+    if a.smoke:
+        a.examples, a.batch_size = 2, 2
+    source = sft_speed.SHARED_PUBMEDQA
+    if a.smoke or not source.is_file():
+        source = sft_speed.SAMPLE_PUBMEDQA
+    a.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="step-profile-") as scratch:
+        # The rows are real data from ../shared: they stay out of the project.
+        rows_file = Path(scratch) / "rows.jsonl"
+        sft_speed.write_rows(source, a.examples, rows_file)
+        n_rows = len(rows_file.read_text().splitlines())
+        steps = -(-n_rows // a.batch_size)
+        seconds, run = profile_training(rows_file, steps, a.batch_size)
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "data": {"rows": n_rows, "steps": steps, "batch_size": a.batch_size},
+        "torch_threads": run["torch_threads"],
+        "train_runtime_s": run["train_runtime_s"],
+        "seconds": {group: round(s, 3) for group, s in seconds.items()},
+        "matmul_gflops": {
+            str(dtype).removeprefix("torch."): round(sft_speed.matmul_flops(dtype=dtype) / 1e9, 1)
+            for dtype in (torch.float32, torch.bfloat16)
+        },
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    stamp = report["date"].replace(":", "")
+    (a.out / f"profile-{stamp}.json").write_text(json.dumps(report, indent=2))
+    markdown = render(report)
+    (a.out / f"profile-{stamp}.md").write_text(markdown)
+    print(markdown)
+    if not a.smoke:
+        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
+            f.write("\n" + markdown)
+
+
+if __name__ == "__main__":
+    main()
