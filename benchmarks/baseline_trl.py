@@ -38,6 +38,7 @@ def train(
     checkpointing: bool = True,
     micro_batch: int | None = None,
     group_by_length: bool = False,
+    max_length: int = 1024,
 ) -> SFTTrainer:
     """Train and return the trainer; the defaults are TRL's (checkpointing on, the whole batch per forward pass)."""
     dataset = load_dataset("json", data_files=rows, split="train")
@@ -45,6 +46,7 @@ def train(
     settings = dict(
         output_dir=output_dir,
         max_steps=steps,
+        max_length=max_length,  # TRL's default is 1024; longer rows are truncated, so callers pass their longest
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=max(1, batch_size // micro),
         learning_rate=learning_rate,

@@ -63,7 +63,11 @@ def rows_of_length(length: int, target: Path) -> int:
 
 
 def point(variant: str, rows_file: Path, trained: int, rank: int) -> dict:
-    result = sft_speed.spawn(variant, rows_file, ROWS // BATCH, BATCH, rank=rank)
+    try:
+        result = sft_speed.spawn(variant, rows_file, ROWS // BATCH, BATCH, rank=rank)
+    except SystemExit as failed:  # a point that runs out of memory is a result, not the end of the run
+        print(failed, file=sys.stderr)
+        return {"failed": str(failed).splitlines()[0].removeprefix(f"{variant} ").rstrip(":")}
     return {
         "tokens_per_s": round(trained / result["train_runtime_s"], 2),
         "peak_rss_mb": result["peak_rss_mb"],
@@ -123,13 +127,19 @@ def render(report: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in report["points"]:
-        tuned, ours = p["baseline-tuned"], p["ours"]
-        lines.append(
-            f"| {p['length']} | {p['rank']} | {tuned['tokens_per_s']} | {ours['tokens_per_s']} | "
-            f"{ours['tokens_per_s'] / tuned['tokens_per_s']:.2f}x | {tuned['peak_rss_mb']:.0f} | "
-            f"{ours['peak_rss_mb']:.0f} |"
-        )
+        lines.append(point_row(p, "{:.2f}", "{:.0f}", 1))
     return "\n".join(lines) + "\n"
+
+
+def point_row(p: dict, speed: str, memory: str, memory_unit: float) -> str:
+    """One table row; a variant that failed (killed for memory, say) shows its failure instead of figures."""
+    tuned, ours = p["baseline-tuned"], p["ours"]
+    cells = [str(p["length"]), str(p["rank"])]
+    cells += [speed.format(v["tokens_per_s"]) if "tokens_per_s" in v else v["failed"] for v in (tuned, ours)]
+    both = "tokens_per_s" in tuned and "tokens_per_s" in ours
+    cells.append(f"{ours['tokens_per_s'] / tuned['tokens_per_s']:.2f}x" if both else "-")
+    cells += [memory.format(v["peak_rss_mb"] / memory_unit) if "peak_rss_mb" in v else "-" for v in (tuned, ours)]
+    return "| " + " | ".join(cells) + " |"
 
 
 def plot(report: dict, target: Path) -> None:
@@ -140,16 +150,18 @@ def plot(report: dict, target: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, key, fixed in ((axes[0], "length", ("rank", 16)), (axes[1], "rank", ("length", 512))):
-        points = [p for p in report["points"] if p[fixed[0]] == fixed[1]]
+        points = sorted((p for p in report["points"] if p[fixed[0]] == fixed[1]), key=lambda p: p[key])
         xs = [p[key] for p in points]
         for variant, color in (("baseline-tuned", "tab:gray"), ("ours", "tab:blue")):
-            ax.plot(xs, [p[variant]["tokens_per_s"] for p in points], "o-", color=color, label=f"{variant} tok/s")
+            done = [(x, p[variant]) for x, p in zip(xs, points, strict=True) if "tokens_per_s" in p[variant]]
+            ax.plot([x for x, _ in done], [v["tokens_per_s"] for _, v in done], "o-", color=color, label=variant)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"{key} ({fixed[0]} {fixed[1]})")
         ax.set_ylabel("effective tokens/s")
         twin = ax.twinx()
         for variant, color in (("baseline-tuned", "tab:gray"), ("ours", "tab:blue")):
-            twin.plot(xs, [p[variant]["peak_rss_mb"] / 1024 for p in points], "s--", color=color, alpha=0.5)
+            done = [(x, p[variant]) for x, p in zip(xs, points, strict=True) if "peak_rss_mb" in p[variant]]
+            twin.plot([x for x, _ in done], [v["peak_rss_mb"] / 1024 for _, v in done], "s--", color=color, alpha=0.5)
         twin.set_ylabel("peak RSS GB (dashed)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

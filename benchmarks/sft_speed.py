@@ -17,6 +17,8 @@ Variants:
     ours-checkpointing  ours with train.gradient_checkpointing=true: what memory would cost in speed
     ours-compile     lever: ours with train.compile=true (torch.compile, inductor's C++ kernels on CPU)
     ours-jemalloc    lever: ours with jemalloc as the memory allocator (LD_PRELOAD, Debian's libjemalloc2)
+    ours-micro1      lever: micro-batches of 1 (no padding, no attention mask) with the same rows per step
+    ours-dropout0    not the same training: LoRA without dropout, what PEFT's per-module masks cost on CPU
     ours-nf4/-int8   the memory section: the same run with a quantized base (fewer steps)
 
 Measured per run: effective tokens/s (tokens that count in the loss, per second of training), real
@@ -54,6 +56,8 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 1e-4
 # On CPU, small micro-batches waste less on padding and keep activations small; a bigger one buys no speed.
 MICRO_BATCH = 2
+# Room for scaling.py's longest rows in both: TRL truncates rows beyond its max_length, the toolkit refuses them.
+MAX_LENGTH = 2048
 
 
 # ---------------------------------------------------------------- workers (each in its own process)
@@ -103,6 +107,7 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, varia
         rank,
         2 * rank,
         LORA["dropout"],
+        max_length=MAX_LENGTH,
         **BASELINES[variant],
     )
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -119,7 +124,7 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
         [
             f"data.sources=[{{path: {rows_file}, reader: messages}}]",
             "data.system_prompt=null",
-            "data.max_length=1024",
+            f"data.max_length={MAX_LENGTH}",
             "data.eval_fraction=0",
             f"adapter.r={rank}",
             f"adapter.alpha={2 * rank}",
@@ -168,6 +173,8 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int
                 "ours-checkpointing": ["train.gradient_checkpointing=true"],
                 "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
                 "ours-compile": ["train.compile=true"],
+                "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
+                "ours-dropout0": ["adapter.dropout=0"],
                 "ours-nf4": ["model.quantization=nf4"],
                 "ours-int8": ["model.quantization=int8"],
             }[variant]
@@ -427,9 +434,19 @@ def main() -> None:
 def render(report: dict) -> str:
     m, d = report["machine"], report["data"]
     by_name = {r["variant"]: r for r in report["results"]}
+    if "baseline-tuned" in by_name:
+        defaults = f"{report['speedup']}x TRL's defaults" if "baseline" in by_name else "TRL's defaults not run"
+        title = (
+            f"SFT speed, {report['date'][:10]}: ours {report['speedup_vs_tuned']}x a tuned TRL's effective tokens/s "
+            f"({defaults}), {report['memory_ratio_vs_tuned']}x its peak RSS"
+        )
+    elif "baseline" in by_name:
+        title = f"SFT speed, {report['date'][:10]}: ours {report['speedup']}x TRL's defaults' effective tokens/s"
+    else:  # a run of the toolkit's own variants: the ratio columns are to its first variant
+        first = report["results"][0]["variant"]
+        title = f"SFT variants, {report['date'][:10]}: {', '.join(by_name)} (ratios to {first})"
     text = [
-        f"## SFT speed, {report['date'][:10]}: ours {report['speedup_vs_tuned']}x a tuned TRL's effective tokens/s "
-        f"({report['speedup']}x TRL's defaults), {report['memory_ratio_vs_tuned']}x its peak RSS",
+        f"## {title}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
         f"{m['device']}; "

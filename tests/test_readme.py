@@ -71,3 +71,27 @@ def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_on
     text = module.render(tmp_path)
     assert "| medical | `sources=1` | pubmedqa (500) |" in text
     assert "The variants: medical: `sources=1` = `data.sources=[{path: a.json, reader: pubmedqa}]`." in text
+
+
+def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_goal_is_met(tmp_path):
+    module = _readme_results()
+    names = [module.SPEED_RUNS["comparison"], *module.SPEED_RUNS["levers"]]
+    names += [module.SPEED_RUNS["profile"], module.SPEED_RUNS["scaling"]]
+    for name in names:
+        (tmp_path / name).write_text((module.SPEED / name).read_text())
+    comparison_file = tmp_path / module.SPEED_RUNS["comparison"]
+    comparison = json.loads(comparison_file.read_text())
+    by_name = {r["variant"]: r for r in comparison["results"]}
+    assert "are not met" in module.render_speed(tmp_path)
+    # ours at 2.5x the tuned baseline's tokens/s and 65% utilization: the generated sentence follows the file
+    by_name["ours"]["effective_tokens_per_s"] = 2.5 * by_name["baseline-tuned"]["effective_tokens_per_s"]
+    by_name["ours"]["utilization_pct"] = 65.0
+    comparison_file.write_text(json.dumps(comparison))
+    text = module.render_speed(tmp_path)
+    assert "The toolkit trains at 2.50x the tuned TRL's speed" in text and "are met" in text
+    # the profile's bound is total over matmul time
+    profile = json.loads((tmp_path / module.SPEED_RUNS["profile"]).read_text())
+    profile["seconds"] = {"matmul": 6.0, "attention": 2.0, "dropout": 1.0, "other": 1.0}
+    (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
+    text = module.render_speed(tmp_path)
+    assert "matmul 60%, attention 20%, dropout 10%, other 10%" in text and "more than 1.67x faster" in text
