@@ -31,6 +31,7 @@ SPEED_END = "<!-- speed:end -->"
 SPEED_RUNS = {
     "comparison": "sft-2026-12-03T154629.json",  # TRL defaults, TRL tuned, ours
     "levers": ("sft-2026-12-03T172241.json", "sft-2026-12-03T173915.json", "sft-2026-11-23T155851.json"),
+    "breakdown": "sft-2026-12-03T183933.json",
     "profile": "profile-2026-12-03T170438.json",
     "scaling": "scaling-2026-12-03T180946.json",
 }
@@ -175,6 +176,32 @@ def _speed_levers(runs: list[dict]) -> list[str]:
     return lines
 
 
+STEPS = {
+    "trl-no-checkpointing": "TRL's SFTTrainer, checkpointing off, the 8 rows in one pass",
+    "ours-batch8": "the toolkit, the 8 rows in one pass: LM head over trained positions only, left padding",
+    "ours": "the toolkit as it trains: micro-batches of 2 of similar length, accumulated",
+    "ours-checkpointing": "the same with gradient checkpointing, what saving memory costs",
+}
+
+
+def _speed_breakdown(run: dict) -> list[str]:
+    first = run["results"][0]
+    lines = [
+        f"Where the gain comes from, one change at a time (`benchmarks/sft_speed.py --variants "
+        f"{','.join(r['variant'] for r in run['results'])}`, {run['date'][:10]}):",
+        "",
+        "| step | effective tok/s | vs the first row | peak RSS | mean loss |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in run["results"]:
+        speed = r["effective_tokens_per_s"] / first["effective_tokens_per_s"]
+        lines.append(
+            f"| {STEPS[r['variant']]} | {r['effective_tokens_per_s']:.2f} | {speed:.2f}x | "
+            f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['mean_loss']:.3f} |"
+        )
+    return lines
+
+
 def _speed_profile(profile: dict) -> list[str]:
     seconds = profile["seconds"]
     total = sum(seconds.values())
@@ -210,6 +237,7 @@ def render_speed(results: Path = SPEED) -> str:
         return json.loads((results / name).read_text())
 
     lines = _speed_comparison(load(SPEED_RUNS["comparison"]))
+    lines += ["", *_speed_breakdown(load(SPEED_RUNS["breakdown"]))]
     lines += ["", *_speed_levers([load(name) for name in SPEED_RUNS["levers"]])]
     lines += ["", *_speed_profile(load(SPEED_RUNS["profile"]))]
     lines += ["", *_speed_scaling(load(SPEED_RUNS["scaling"]))]

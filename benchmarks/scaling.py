@@ -104,16 +104,8 @@ def main() -> None:
         "batch": BATCH,
         "points": points,
     }
-    stamp = report["date"].replace(":", "")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"scaling-{stamp}.json").write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    (a.out / f"scaling-{stamp}.md").write_text(markdown)
+    sft_speed.save_report(report, render(report), a.out, "scaling", append=not a.smoke)
     plot(report, a.out / "scaling.png" if a.smoke else ROOT / "benchmarks" / "scaling.png")
-    if not a.smoke:
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
-            f.write("\n" + markdown)
-    print(markdown)
 
 
 def render(report: dict) -> str:

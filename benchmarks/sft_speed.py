@@ -421,12 +421,17 @@ def main() -> None:
         "memory": memory,
     }
     shutil.rmtree(scratch, ignore_errors=True)
+    save_report(report, render(report), a.out, "sft", append=not a.smoke)
+
+
+def save_report(report: dict, markdown: str, out: Path, kind: str, append: bool) -> None:
+    """Write out/KIND-DATE.json and .md, print the table, and append it to RESULTS.md when asked."""
     stamp = report["date"].replace(":", "")
-    (a.out / f"sft-{stamp}.json").write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    (a.out / f"sft-{stamp}.md").write_text(markdown)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{kind}-{stamp}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{kind}-{stamp}.md").write_text(markdown)
     print(markdown)
-    if not a.smoke:
+    if append:
         with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
             f.write("\n" + markdown)
 

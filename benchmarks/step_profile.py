@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -98,7 +97,6 @@ def main() -> None:
     source = sft_speed.SHARED_PUBMEDQA
     if a.smoke or not source.is_file():
         source = sft_speed.SAMPLE_PUBMEDQA
-    a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="step-profile-") as scratch:
         # The rows are real data from ../shared: they stay out of the project.
         rows_file = Path(scratch) / "rows.jsonl"
@@ -118,14 +116,7 @@ def main() -> None:
         },
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    stamp = report["date"].replace(":", "")
-    (a.out / f"profile-{stamp}.json").write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    (a.out / f"profile-{stamp}.md").write_text(markdown)
-    print(markdown)
-    if not a.smoke:
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
-            f.write("\n" + markdown)
+    sft_speed.save_report(report, render(report), a.out, "profile", append=not a.smoke)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,20 @@ from cli_runs import env
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_path):
+def smoke_run(script: str, out: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "sft_speed.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(PROJECT / "benchmarks" / script), "--smoke", "--out", str(out)],
         env=env(),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_path):
+    smoke_run("sft_speed.py", tmp_path)
     (report_file,) = tmp_path.glob("sft-*.json")
     report = json.loads(report_file.read_text())
     baseline, tuned, ours = report["results"]
@@ -44,14 +48,7 @@ def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_pa
 
 @pytest.mark.slow
 def test_the_scaling_smoke_run_measures_both_variants_at_one_point(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "scaling.py"), "--smoke", "--out", str(tmp_path)],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    smoke_run("scaling.py", tmp_path)
     (report_file,) = tmp_path.glob("scaling-*.json")
     (point,) = json.loads(report_file.read_text())["points"]
     assert (point["length"], point["rank"]) == (256, 16)
@@ -83,14 +80,7 @@ def test_the_gpu_benchmark_dry_run_trains_every_variant_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_the_step_profile_smoke_run_splits_the_training_time_into_op_groups(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "step_profile.py"), "--smoke", "--out", str(tmp_path)],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    smoke_run("step_profile.py", tmp_path)
     (report_file,) = tmp_path.glob("profile-*.json")
     report = json.loads(report_file.read_text())
     assert list(report["seconds"]) == ["matmul", "attention", "dropout", "other"]
