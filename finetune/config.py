@@ -3,6 +3,7 @@ and pydantic errors turned into one line that names the file, the key and the fi
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from dataclasses import dataclass
@@ -130,7 +131,9 @@ def load_tree(kind: Kind, path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides; values are parsed as YAML (so 50 is an int, [a,b] a list)."""
-    data = deep_merge(data, {})
+    # A deep copy: an override inside a list (data.sources.0.limit) must not reach the caller's mapping, which a
+    # sweep reuses for every variant and for the winner's final, full training.
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

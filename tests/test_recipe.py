@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import recipe
+from finetune import config, recipe
 from finetune.cli import main
 from finetune.errors import FinetuneError
 
@@ -141,3 +141,19 @@ def test_readme_recipe_reference_matches_the_schema():
     assert "```\n" + recipe.schema_reference() + "\n```" in readme, (
         "README's recipe reference is stale: paste `finetune recipes schema`"
     )
+
+
+def test_an_override_inside_a_list_leaves_the_callers_mapping_alone():
+    data = {"data": {"sources": [{"path": "a.json", "reader": "pubmedqa"}]}}
+    changed = config.apply_overrides(data, ["data.sources.0.limit=250"])
+    assert changed["data"]["sources"][0]["limit"] == 250
+    assert data == {"data": {"sources": [{"path": "a.json", "reader": "pubmedqa"}]}}
+
+
+def test_a_sweeps_select_with_subset_trains_the_variants_but_not_the_winners_final_run(tmp_path):
+    from finetune import sweep
+
+    chosen = sweep.plan("real/legal", [f"sweep.output_dir={tmp_path}/{{name}}-sweep"], [])
+    assert [v["recipe"].data.sources[0].limit for v in chosen["variants"]] == [250, 250]
+    final = sweep._variant_recipe(chosen["final"]["data"], "real/legal", [], "final", tmp_path / "final")
+    assert final.data.sources[0].limit is None
