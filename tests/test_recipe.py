@@ -157,3 +157,22 @@ def test_a_sweeps_select_with_subset_trains_the_variants_but_not_the_winners_fin
     assert [v["recipe"].data.sources[0].limit for v in chosen["variants"]] == [250, 250]
     final = sweep._variant_recipe(chosen["final"]["data"], "real/legal", [], "final", tmp_path / "final")
     assert final.data.sources[0].limit is None
+
+
+@pytest.mark.parametrize(
+    ("grid", "line"),
+    [
+        (
+            "train.lerning_rate=1e-4,2e-4",
+            "{recipe} (sources=1,lerning_rate=1e-4): train.lerning_rate: unknown key (did you mean 'learning_rate'?)",
+        ),
+        ("train.epochs=one,two", "{recipe} (sources=1,epochs=one): train.epochs: expected a number, got 'one'"),
+        ("train.epochs=", "--grid 'train.epochs=': expected KEY=V1,V2 (e.g. train.learning_rate=1e-4,2e-4)"),
+    ],
+)
+def test_a_bad_sweep_grid_is_one_line_exit_2_and_nothing_is_written(grid, line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "real/medical", "--grid", grid]) == 2
+    recipe_file = PROJECT / "recipes" / "real" / "medical.yaml"
+    assert capsys.readouterr().err == f"error: {line.format(recipe=recipe_file)}\n"
+    assert list(tmp_path.iterdir()) == []
