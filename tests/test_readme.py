@@ -95,3 +95,19 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     text = module.render_speed(tmp_path)
     assert "matmul 60%, attention 20%, dropout 10%, other 10%" in text and "more than 1.67x faster" in text
+
+
+def test_each_real_recipe_trains_what_its_committed_sweep_chose():
+    """`make recipe=real/NAME` must train the winner the README reports, not a variant that lost on validation."""
+    from finetune.recipe import load as load_recipe
+
+    sweeps = sorted((ROOT / "benchmarks" / "results" / "real").glob("*/sweep.json"))
+    assert sweeps
+    for path in sweeps:
+        sweep = json.loads(path.read_text())
+        winner = next(v for v in sweep["variants"] if v["variant"] == sweep["winner"])
+        name = path.parent.name
+        recipe = load_recipe(f"real/{name}")
+        assert recipe == load_recipe(f"real/{name}", winner["overrides"]), (
+            f"recipes/real/{name}.yaml differs from its sweep's winner {sweep['winner']}: set {winner['overrides']}"
+        )
