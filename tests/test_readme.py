@@ -60,6 +60,25 @@ def test_tables_are_rendered_from_the_files(tmp_path):
     assert "| 0.538 | 0.540 | +0.002 | [-0.030, +0.034] |" in module.render(tmp_path)
 
 
+def test_the_sample_section_is_rendered_from_the_sample_runs_files(tmp_path):
+    module = _readme_results()
+    task = {"n": 10, "metric": "accuracy", "base": 0.6, "adapter": 0.7, "delta": 0.1, "ci95": [0.0, 0.3]}
+    gguf = {"outtype": "f16", "verifier": "llama.cpp (x)", "max_abs_logit_diff": 0.0642, "threshold": 0.3}
+    files = {
+        "run.json": {"steps": 12, "data": {"train_rows": 23}},
+        "eval.json": {"tasks": {"pubmedqa": task}},
+        "merge.json": {"max_abs_logit_diff": 6.58e-05, "threshold": 0.001},
+        "export.json": {"files": {"m-f16.gguf": {**gguf, "greedy_text_agreement": 1.0}}},
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    text = module.render_sample(tmp_path)
+    assert text.startswith("`make recipe=medical` trains 12 steps on the sample's 23 training questions")
+    assert "| pubmedqa | accuracy | 10 | 0.600 | 0.700 | +0.100 | [+0.000, +0.300] |" in text
+    assert "merged model): 6.58e-05 (threshold 0.001)" in text
+    assert "llama.cpp (x): max |Δlogit| 0.064 (threshold 0.3), greedy text agreement 1.00." in text
+
+
 def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_one_line(tmp_path):
     module = _readme_results()
     _write_domain(tmp_path / "medical", adapter=0.612)
