@@ -79,6 +79,16 @@ def test_the_sample_section_is_rendered_from_the_sample_runs_files(tmp_path):
     assert "llama.cpp (x): max |Δlogit| 0.064 (threshold 0.3), greedy text agreement 1.00." in text
 
 
+def test_the_continued_pretraining_figures_are_rendered_from_its_runs_files(tmp_path):
+    module = _readme_results()
+    task = {"n": 10, "metric": "perplexity", "base": 14.57, "adapter": 11.8, "delta": -2.77, "ci95": [-3.43, -2.23]}
+    (tmp_path / "run.json").write_text(json.dumps({"steps": 12, "epochs": 3.0, "data": {"train_rows": 23}}))
+    (tmp_path / "eval.json").write_text(json.dumps({"tasks": {"abstracts": task}}))
+    text = module.render_cpt(tmp_path)
+    assert "(23 training abstracts, 3 epochs, 12 steps;" in text
+    assert "| abstracts | perplexity | 10 | 14.570 | 11.800 | **-2.770** | [-3.430, -2.230] |" in text
+
+
 def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_one_line(tmp_path):
     module = _readme_results()
     _write_domain(tmp_path / "medical", adapter=0.612)
