@@ -265,8 +265,6 @@ def render_sample(folder: Path = SAMPLE / "medical") -> str:
         "questions and prints its eval table at the end:",
         "",
         *_eval_table(scores),
-    ]
-    lines += [
         "",
         f"The merge check (max |Δlogit| between base + adapter and the merged model): {merge['max_abs_logit_diff']:.2e}"
         f" (threshold {merge['threshold']}).",
