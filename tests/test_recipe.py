@@ -154,9 +154,9 @@ def test_a_sweeps_select_with_subset_trains_the_variants_but_not_the_winners_fin
     from finetune import sweep
 
     chosen = sweep.plan("real/legal", [f"sweep.output_dir={tmp_path}/{{name}}-sweep"], [])
-    assert [v["recipe"].data.sources[0].limit for v in chosen["variants"]] == [250, 250]
+    assert [v["recipe"].data.sources[0].limit for v in chosen["variants"]] == [120, 120]
     final = sweep._variant_recipe(chosen["final"]["data"], "real/legal", [], "final", tmp_path / "final")
-    assert final.data.sources[0].limit is None
+    assert final.data.sources[0].limit == 480  # the recipe's own limit, not the selection subset
 
 
 @pytest.mark.parametrize(
