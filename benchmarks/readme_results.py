@@ -131,7 +131,8 @@ def render(results: Path = RESULTS) -> str:
     if subsets:
         lines += [
             "",
-            f"Variants trained on a subset to choose, the winner then trained in full: {'; '.join(subsets)}.",
+            "Variants trained on a subset to choose, the winner then trained without it (on its recipe's own data): "
+            f"{'; '.join(subsets)}.",
         ]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`bash benchmarks/real_data.sh {' '.join(missing)}`)."]
