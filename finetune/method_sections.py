@@ -33,7 +33,7 @@ class DpoSection(Section):
     )
     loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description=f"TRL's DPO loss: {', '.join(DPO_LOSSES)}.")
     precompute_ref_log_probs: bool = Field(
-        False, description="Score the reference once before training (faster steps, same logs; ~1.6x on CPU)."
+        False, description="Score the reference once before training (faster steps, same logs)."
     )
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped preference labels (cDPO, robust)."

@@ -31,7 +31,8 @@ class ModelSection(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Dtype of the trainable weights and of matmuls. 'auto': float32 on CPU "
-        "(bfloat16 is ~13x slower there), bfloat16 on GPUs that support it, else float16.",
+        "(bfloat16 matmuls there run far slower; README 'Speed' has the measured rate), bfloat16 on GPUs "
+        "that support it, else float16.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
@@ -162,7 +163,7 @@ class TrainSection(Section):
     batch_size: int = Field(4, gt=0, description="Rows per device per forward pass.")
     gradient_accumulation: int = Field(1, gt=0, description="Forward passes per optimizer step.")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, ~40% slower."
+        False, description="Recompute activations in backward: less memory, slower steps (README 'Speed' has the cost)."
     )
     group_by_length: bool = Field(
         True,
