@@ -4,7 +4,7 @@
 # test suite once, on the winner alone. The sweep's tables and the winner's test report are then copied to
 # benchmarks/results/real/NAME/; `python benchmarks/readme_results.py` writes the README's tables from them.
 #   bash benchmarks/real_data.sh [medical] [legal] [finance]     (default: all three; on 2 cores medical took 2.5 hours,
-#   legal 1.5 hours; finance trains more tokens per variant and takes longer)
+#   legal 1.5 hours, finance 1.8 hours)
 # A rerun continues where it stopped: finished variants are skipped, an unfinished one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
