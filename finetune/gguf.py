@@ -209,9 +209,6 @@ def export(
             if verify:
                 figures.update(gguf_check.verify(tmp, merged_dir, outtype))
         figures.update(bytes=tmp.stat().st_size, seconds=round(time.perf_counter() - start, 1))
-    log.info(
-        "wrote %s (%d tensors, %.1f MB, %.1f s)", target, figures["tensors"], figures["bytes"] / 1e6, figures["seconds"]
-    )
     modelfile = write_modelfile(target, tokenizer.chat_template, recipe.data.system_prompt if recipe else None, config)
     figures["modelfile"] = modelfile.name
     report = runs.read_json(out_dir / "export.json") or {}
@@ -290,14 +287,26 @@ def _write_tensors(writer, merged_dir: Path, config, outtype: str, head_dim: int
 
 
 def describe(path: Path) -> str:
-    """What `finetune export` prints: the files written, the read-back figures, and the Ollama command."""
+    """What `finetune export` prints: the files written, how they were checked, and the Ollama command."""
     figures = runs.read_json(path.parent / "export.json")["files"][path.name]
     modelfile = path.parent / figures["modelfile"]
-    lines = [f"wrote {path} and {modelfile}"]
+    lines = [
+        f"wrote {path} ({figures['tensors']} tensors, {figures['bytes'] / 1e6:.1f} MB, {figures['seconds']:.1f} s) "
+        f"and {modelfile}"
+    ]
     if "max_abs_logit_diff" in figures:
         lines.append(
-            f"  read back: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g}, greedy text agreement "
-            f"{figures['greedy_text_agreement']:.2f}, tokenization agreement {figures['tokenization_agreement']:.2f}"
+            f"  read back in {figures['verifier']}: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g} "
+            f"(threshold {figures['threshold']:g}), greedy text agreement {figures['greedy_text_agreement']:.2f}, "
+            f"tokenization agreement {figures['tokenization_agreement']:.2f}"
+        )
+    if "top1_agreement_with_f16" in figures:
+        outtype = figures["outtype"]
+        lines.append(
+            f"  vs its f16 file in llama.cpp on {figures['heldout_rows']} held-out rows: top-1 agreement "
+            f"{figures['top1_agreement_with_f16']:.3f} (at least {gguf_check.KQUANT_MIN_TOP1:g}), perplexity "
+            f"{figures[f'perplexity_{outtype}']:.2f} vs {figures['perplexity_f16']:.2f} "
+            f"(x{figures['perplexity_ratio']:.2f}, at most {gguf_check.KQUANT_MAX_PERPLEXITY_RATIO:g})"
         )
     lines.append(f"  ollama create NAME -f {modelfile}")
     return "\n".join(lines)

@@ -163,8 +163,9 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         log.info("resuming from %s", resume)
 
     trainer = methods.trainer(recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out)
-    # TRL casts adapter weights of quantized models to bf16; on CPU that makes every step ~13x slower,
-    # so keep trainable weights in the compute dtype.
+    # TRL casts adapter weights of quantized models to bf16; on CPUs without bf16 matmul units that makes every
+    # step many times slower (the README's Speed section measures bf16 against fp32 matmuls), so keep trainable
+    # weights in the compute dtype.
     dtype = model_lib.compute_dtype(recipe.model)
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != dtype:

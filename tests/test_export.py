@@ -206,6 +206,13 @@ def test_gguf_round_trip(merged_run, monkeypatch, capfd, verifier, outtype, limi
     assert figures["max_abs_logit_diff"] < limit and figures["top1_agreement"] == 1.0
     assert figures["greedy_text_agreement"] == 1.0 and figures["tokenization_agreement"] == 1.0
     assert (merged_run / "gguf" / f"tiny-{outtype}.Modelfile").read_text().startswith(f"FROM ./tiny-{outtype}.gguf\n")
+    # what `finetune export` prints: the file, and the check that passed with its figures and threshold
+    printed = gguf_export.describe(path).splitlines()
+    assert printed[0].startswith(f"wrote {path} (20 tensors, {path.stat().st_size / 1e6:.1f} MB, ")
+    assert printed[1] == (
+        f"  read back in {expected}: max |Δlogit| vs merged {figures['max_abs_logit_diff']:.3g} (threshold "
+        f"{gguf_check.LOGIT_THRESHOLDS[outtype]:g}), greedy text agreement 1.00, tokenization agreement 1.00"
+    )
     outputs = [path, path.with_suffix(".Modelfile"), merged_run / "gguf" / "export.json"]
     assert shared_modes(*outputs) == {"file": 0o644}
 
@@ -321,6 +328,10 @@ def test_embedded_model_merge_gguf_and_k_quant_in_llama_cpp(tmp_path):
     figures = json.loads((run / "gguf" / "export.json").read_text())["files"][quant.name]
     assert figures["top1_agreement_with_f16"] >= gguf_check.KQUANT_MIN_TOP1
     assert figures["perplexity_ratio"] <= gguf_check.KQUANT_MAX_PERPLEXITY_RATIO and figures["heldout_rows"] == 4
+    assert (
+        f"  vs its f16 file in llama.cpp on 4 held-out rows: top-1 agreement {figures['top1_agreement_with_f16']:.3f} "
+        "(at least 0.75), perplexity "
+    ) in gguf_export.describe(quant)
     reader, fields = read_gguf(quant)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     # 576-wide rows do not fill llama.cpp's 256-wide K blocks, so most matrices take its fallback type.

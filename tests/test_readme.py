@@ -79,6 +79,36 @@ def test_the_sample_section_is_rendered_from_the_sample_runs_files(tmp_path):
     assert "llama.cpp (x): max |Δlogit| 0.064 (threshold 0.3), greedy text agreement 1.00." in text
 
 
+def test_the_gguf_table_lists_every_exported_type_with_the_figures_of_its_check(tmp_path):
+    module = _readme_results()
+    f16 = {"outtype": "f16", "bytes": 270885632, "verifier": "llama.cpp (x)", "threshold": 0.3}
+    f16.update(max_abs_logit_diff=0.0642, top1_agreement=1.0)
+    q4 = {"outtype": "q4_k_m", "bytes": 105500000, "heldout_rows": 8}
+    q4.update(top1_agreement_with_f16=0.869, perplexity_ratio=1.0672)
+    (tmp_path / "export.json").write_text(json.dumps({"files": {"m-q4_k_m.gguf": q4, "m-f16.gguf": f16}}))
+    rows = module.render_gguf(tmp_path).splitlines()[2:]
+    assert rows == [
+        "| f16 | 270.9 MB | the merged model, in llama.cpp (x) | 0.064 (0.3) | 1.000 | |",
+        "| q4_k_m | 105.5 MB | its f16 file in llama.cpp, 8 held-out rows | | 0.869 | x1.07 |",
+    ]
+
+
+def test_the_console_example_is_what_the_sample_run_printed(tmp_path):
+    module = _readme_results()
+    steps = [f"{{'loss': '{loss}', 'epoch': '{epoch}'}}" for epoch, loss in enumerate((2.6, 3.3, 2.1, 1.9))]
+    printed = ["$ finetune run medical", *steps, "trained: runs/x  steps=4"]
+    (tmp_path / "console.txt").write_text("\n".join(printed) + "\n")
+    assert module.render_console(tmp_path).splitlines() == [
+        "```",
+        "$ finetune run medical",
+        "{'loss': '2.6', 'epoch': '0'}",
+        "...",
+        "{'loss': '1.9', 'epoch': '3'}",
+        "trained: runs/x  steps=4",
+        "```",
+    ]
+
+
 def test_the_continued_pretraining_figures_are_rendered_from_its_runs_files(tmp_path):
     module = _readme_results()
     task = {"n": 10, "metric": "perplexity", "base": 14.57, "adapter": 11.8, "delta": -2.77, "ci95": [-3.43, -2.23]}
