@@ -66,7 +66,8 @@ def cmd_run(args) -> int:
     print(
         f"trained: {outcome.run_dir}  steps={summary['steps']} loss={summary['last_loss']:.4f} "
         f"(mean {summary['mean_loss']:.4f}) "
-        f"tokens/s={summary['tokens_per_s']} peak_rss={summary['peak_rss_mb']} MB"
+        f"tokens/s={summary['tokens_per_s']} trained, {summary['processed_tokens_per_s']} in all "
+        f"peak_rss={summary['peak_rss_mb']} MB"
     )
     if outcome.merge:
         print(merge.describe(outcome.merge))

@@ -188,7 +188,10 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
             plots.plot_rewards(folder.metrics, tmp, title=recipe.name)
     wall = time.time() - started
     epochs_done = trainer.state.epoch or 0.0
+    # Both counts: a classification recipe trains a few label tokens per row but computes over whole prompts.
     trained_tokens = int(data.stats["trained_tokens"] * epochs_done) if "trained_tokens" in data.stats else None
+    all_tokens = int(data.stats["train_tokens"] * epochs_done) if "train_tokens" in data.stats else None
+    runtime = max(result.metrics["train_runtime"], 1e-9)
     metadata = {
         "recipe": recipe.name,
         "method": recipe.train.method,
@@ -200,9 +203,9 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         "wall_time_s": round(wall, 1),
         "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "tokens_trained": trained_tokens,
-        "tokens_per_s": round(trained_tokens / max(result.metrics["train_runtime"], 1e-9), 1)
-        if trained_tokens
-        else None,
+        "tokens_per_s": round(trained_tokens / runtime, 1) if trained_tokens else None,
+        "tokens_processed": all_tokens,
+        "processed_tokens_per_s": round(all_tokens / runtime, 1) if all_tokens else None,
         "padding_fraction": padding_fraction(trainer) if not preference else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,

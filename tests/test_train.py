@@ -72,7 +72,13 @@ def test_lora_training_lowers_the_loss_and_writes_every_output(tmp_path, tiny_ll
     assert (out / "adapter").stat().st_mode & 0o777 == 0o755
     meta = json.loads((out / "run.json").read_text())
     assert meta["steps"] == 24 and meta["seed"] == 42
-    assert meta["tokens_trained"] > 0 and meta["tokens_per_s"] > 0 and meta["peak_rss_mb"] > 0
+    assert meta["tokens_trained"] == int(meta["data"]["trained_tokens"] * meta["epochs"]) > 0
+    assert meta["tokens_processed"] == int(meta["data"]["train_tokens"] * meta["epochs"]) > meta["tokens_trained"]
+    # the same training time divides both counts (run.json rounds it to 0.1 s, and this run is short)
+    assert meta["tokens_per_s"] == pytest.approx(meta["tokens_trained"] / meta["train_runtime_s"], rel=0.1)
+    ratio = meta["tokens_processed"] / meta["tokens_trained"]
+    assert meta["processed_tokens_per_s"] / meta["tokens_per_s"] == pytest.approx(ratio, rel=1e-3)
+    assert meta["peak_rss_mb"] > 0
     assert set(meta["versions"]) >= {"torch", "transformers", "peft", "trl"}
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert weights and all(".lora_" in name for name in weights)
