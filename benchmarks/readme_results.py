@@ -117,11 +117,17 @@ def render(results: Path = RESULTS) -> str:
             meanings.append(
                 f"{domain}: " + "; ".join(f"`{v['variant']}` = {_setting(v['overrides'])}" for v in spelled)
             )
-        for v in sweep["variants"]:
-            mark = " (winner)" if v["variant"] == sweep["winner"] else ""
+        named = [
+            (f"`{v['variant']}`" + (" (winner)" if v["variant"] == sweep["winner"] else ""), v)
+            for v in sweep["variants"]
+        ]
+        if sweep.get("final_validation"):
+            named.append(
+                (f"`{sweep['winner']}` trained without the subset (the reported model)", sweep["final_validation"])
+            )
+        for name, v in named:
             selection.append(
-                f"| {domain} | `{v['variant']}`{mark} | {sweep['task']} ({v['n']}) | {v['base']:.3f} | "
-                f"{v['score']:.3f} | "
+                f"| {domain} | {name} | {sweep['task']} ({v['n']}) | {v['base']:.3f} | {v['score']:.3f} | "
                 f"{v['delta']:+.3f} | {_ci(v['ci95'])} | {v['steps']} | {v['wall_time_s'] / 60:.0f} min |"
             )
     if len(missing) == len(DOMAINS):

@@ -260,7 +260,7 @@ class SweepSection(Section):
     select_with: list[str] = Field(
         default_factory=list,
         description="Overrides used while selecting only, such as a subset (data.sources.0.limit=300); the winner is "
-        "then trained again without them.",
+        "then trained again without them and scored on validation too.",
     )
     test: str | None = Field(
         None, description="Eval suite scored once, on the winner only (default: the recipe's eval.suite)."

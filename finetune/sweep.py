@@ -3,11 +3,12 @@
 Variants are the combinations of a grid of recipe keys (the recipe's `sweep:` section, plus --grid on the
 command line). Each trains in its own run folder under the sweep folder and is scored on the validation suite
 (its report in VARIANT/validation/), so nothing is chosen by looking at the test set. While selecting, the
-`select_with` overrides may train on a subset; the winner is then trained again without them (final/). Only
-that one model is scored on the test suite. A rerun skips what is finished and resumes what is not.
+`select_with` overrides may train on a subset; the winner is then trained again without them (final/) and scored on
+the validation suite too, so the model that is reported has a validation score of its own. Only that one model is
+scored on the test suite. A rerun skips what is finished and resumes what is not.
 
     SWEEP_DIR/sweep.json   every variant's overrides, validation score and CI, steps, wall time, peak memory;
-                           the winner and its test scores
+                           the winner, its final run's validation score, and its test scores
     SWEEP_DIR/sweep.md     the same as tables; SWEEP_DIR/sweep.png the validation scores with their intervals
 """
 
@@ -140,6 +141,25 @@ def _validated(recipe: Recipe, suite: str, n: int | None) -> dict:
     return report
 
 
+def _scored(recipe: Recipe, report: dict, chosen: dict) -> dict:
+    """One trained model's row: its validation score on the sweep's task, and what its training cost."""
+    summary = runs.read_json(runs.RunFolder(recipe.output_dir).summary)
+    task = report["tasks"][chosen["task"]]
+    return {
+        "run_dir": str(recipe.output_dir),
+        "metric": task["metric"],
+        "n": task["n"],
+        "base": task["base"],
+        "score": task["adapter"],
+        "delta": task["delta"],
+        "ci95": task["ci95"],
+        "steps": summary["steps"],
+        "wall_time_s": summary["wall_time_s"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "validation": {name: t["adapter"] for name, t in report["tasks"].items()},
+    }
+
+
 def run(name_or_path: str, overrides: list[str] = (), grid_args: list[str] = ()) -> dict:
     """Run the sweep; returns what sweep.json holds."""
     from finetune import eval as evaluation
@@ -149,24 +169,8 @@ def run(name_or_path: str, overrides: list[str] = (), grid_args: list[str] = ())
     for item in chosen["variants"]:
         log.info("sweep: variant %s", item["name"])
         report = _validated(item["recipe"], chosen["validation"], chosen["n"])
-        summary = runs.read_json(runs.RunFolder(item["recipe"].output_dir).summary)
-        task = report["tasks"][chosen["task"]]
         rows.append(
-            {
-                "variant": item["name"],
-                "overrides": item["overrides"],
-                "run_dir": str(item["recipe"].output_dir),
-                "metric": task["metric"],
-                "n": task["n"],
-                "base": task["base"],
-                "score": task["adapter"],
-                "delta": task["delta"],
-                "ci95": task["ci95"],
-                "steps": summary["steps"],
-                "wall_time_s": summary["wall_time_s"],
-                "peak_rss_mb": summary["peak_rss_mb"],
-                "validation": {name: t["adapter"] for name, t in report["tasks"].items()},
-            }
+            {"variant": item["name"], "overrides": item["overrides"], **_scored(item["recipe"], report, chosen)}
         )
     # The first of equals wins: grid order.
     winner = (min if lower_is_better(rows[0]["metric"]) else max)(rows, key=lambda r: r["score"])
@@ -180,7 +184,9 @@ def run(name_or_path: str, overrides: list[str] = (), grid_args: list[str] = ())
             pipeline.run(recipe)
         elif chosen["test"] and not runs.RunFolder(final_dir).eval_json.is_file():
             evaluation.run(final_dir, suite=chosen["test"])
+        final_validation = _scored(recipe, _validated(recipe, chosen["validation"], chosen["n"]), chosen)
     else:
+        final_validation = None
         final_dir = Path(winner["run_dir"])
         if chosen["test"] and not runs.RunFolder(final_dir).eval_json.is_file():
             evaluation.run(final_dir, suite=chosen["test"])
@@ -192,6 +198,7 @@ def run(name_or_path: str, overrides: list[str] = (), grid_args: list[str] = ())
         "variants": rows,
         "winner": winner["variant"],
         "final_run": str(final_dir),
+        "final_validation": final_validation,
         "test": chosen["test"],
         "test_scores": runs.read_json(runs.RunFolder(final_dir).eval_json) if chosen["test"] else None,
     }
@@ -213,15 +220,18 @@ def markdown(result: dict) -> str:
     if result["select_with"]:
         lines += [
             f"While selecting, every variant trained with `{' '.join(result['select_with'])}`; the winner was "
-            "then trained again without it.",
+            "then trained again without it, and that final model scored on validation too (last row).",
             "",
         ]
     lines += [
         "| variant | metric | n | base | adapter | delta | 95% CI of delta | steps | wall time | peak RSS |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for r in result["variants"]:
-        name = f"**{r['variant']}**" if r["variant"] == result["winner"] else r["variant"]
+    final = result.get("final_validation")
+    named = [
+        (f"**{r['variant']}**" if r["variant"] == result["winner"] else r["variant"], r) for r in result["variants"]
+    ]
+    for name, r in named + ([(f"{result['winner']}, trained without the subset (final)", final)] if final else []):
         ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
         lines.append(
             f"| {name} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['score']:.3f} | {r['delta']:+.3f} | "

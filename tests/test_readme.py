@@ -53,6 +53,16 @@ def test_tables_are_rendered_from_the_files(tmp_path):
         "| 30 min |"
     ) in text
     assert "Not run yet: legal, finance" in text
+    # a winner chosen on a subset and trained again without it shows that final model's own validation score
+    sweep = json.loads((tmp_path / "medical" / "sweep.json").read_text())
+    sweep["select_with"] = ["data.sources.0.limit=120"]
+    final = {"n": 100, "base": 0.41, "score": 0.47, "delta": 0.06, "ci95": [-0.02, 0.14], "steps": 480}
+    sweep["final_validation"] = {**final, "wall_time_s": 3600.0}
+    (tmp_path / "medical" / "sweep.json").write_text(json.dumps(sweep))
+    assert (
+        "| medical | `train.epochs=2` trained without the subset (the reported model) | pubmedqa (100) | 0.410 | "
+        "0.470 | +0.060 | [-0.020, +0.140] | 480 | 60 min |"
+    ) in module.render(tmp_path)
     # a changed result file changes the section (so the README test fails until it is regenerated);
     # a delta whose interval includes 0 is not bold
     task = {"n": 500, "metric": "accuracy", "base": 0.538, "adapter": 0.54, "delta": 0.002, "ci95": [-0.03, 0.034]}

@@ -71,6 +71,14 @@ def test_a_sweep_picks_on_validation_scores_only_the_winner_on_test_and_a_rerun_
     assert yaml.safe_load((root / "final" / "recipe.yaml").read_text())["train"]["learning_rate"] == float(
         result["winner"].split("=")[1]
     )
+    # ... and scored on validation too: the reported model has a validation score of its own
+    final_validation = json.loads((root / "final" / "validation" / "eval.json").read_text())["tasks"]["pubmedqa"]
+    assert result["final_validation"]["score"] == final_validation["adapter"]
+    assert (result["final_validation"]["steps"], result["final_validation"]["n"]) == (final["steps"], 7)
+    assert result["final_validation"]["base"] == result["variants"][0]["base"]
+    assert (
+        f"| {result['winner']}, trained without the subset (final) | accuracy | 7 |" in (root / "sweep.md").read_text()
+    )
     assert set(result["test_scores"]["tasks"]) == {"pubmedqa", "medmcqa"}
     assert result["test_scores"] == json.loads((root / "final" / "eval.json").read_text())
     assert f"| **{result['winner']}** |" in (root / "sweep.md").read_text()
