@@ -63,11 +63,15 @@ def cmd_run(args) -> int:
     if outcome is None:
         return 0
     summary = outcome.summary
+    # Preference rows are tokenized by TRL's trainers, so only SFT runs know their token counts.
+    speed = (
+        f"tokens/s={summary['tokens_per_s']} trained, {summary['processed_tokens_per_s']} in all "
+        if summary["tokens_per_s"]
+        else ""
+    )
     print(
         f"trained: {outcome.run_dir}  steps={summary['steps']} loss={summary['last_loss']:.4f} "
-        f"(mean {summary['mean_loss']:.4f}) "
-        f"tokens/s={summary['tokens_per_s']} trained, {summary['processed_tokens_per_s']} in all "
-        f"peak_rss={summary['peak_rss_mb']} MB"
+        f"(mean {summary['mean_loss']:.4f}) {speed}peak_rss={summary['peak_rss_mb']} MB"
     )
     if outcome.merge:
         print(merge.describe(outcome.merge))

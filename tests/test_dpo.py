@@ -150,3 +150,15 @@ def test_dpo_settings_without_dpo_are_an_error():
         str(error.value)
         == "m.yaml: recipe: the dpo section is only used with train.method: dpo; remove it or set the method"
     )
+
+
+def test_the_summary_line_of_a_preference_run_shows_no_token_speed(tmp_path, tiny_llama_dir, capsys):
+    """TRL tokenizes preference rows itself, so the run knows no token counts: its line says nothing of tokens/s."""
+    from finetune import cli
+    from finetune.recipe import to_yaml
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text(to_yaml(dpo_recipe(tmp_path, tiny_llama_dir, max_steps=2)))
+    assert cli.main(["run", str(path), "eval.suite=null", "export.merge=false", "export.gguf=null"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trained: "))
+    assert "tokens/s" not in line and "None" not in line and line.endswith(" MB"), line

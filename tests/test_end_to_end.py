@@ -47,6 +47,8 @@ def test_medical_recipe_trains_and_answers(tmp_path):
     assert row in done.stdout, done.stdout[-2000:]
     # The sample's verdict says what it is: 10 questions cannot show a difference.
     assert "note: The sample holds 10 test questions" in done.stdout
+    speed = f"tokens/s={meta['tokens_per_s']} trained, {meta['processed_tokens_per_s']} in all peak_rss="
+    assert speed in next(x for x in done.stdout.splitlines() if x.startswith("trained: "))
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert meta["last_loss"] == losses[-1] and meta["mean_loss"] == pytest.approx(sum(losses) / len(losses))
     merge = json.loads((out / "merged" / "merge.json").read_text())
