@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from finetune.eval.report import count
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # scaling.py, beside this file, renders the scaling rows
 RESULTS = ROOT / "benchmarks" / "results" / "real"
@@ -106,7 +108,7 @@ def render(results: Path = RESULTS) -> str:
         setting = f"`{winner['variant']}`"
         for i, (name, task) in enumerate(scores["tasks"].items()):
             test_rows.append(
-                f"| {domain if i == 0 else ''} | {setting if i == 0 else ''} | {name} ({task['n']}) | "
+                f"| {domain if i == 0 else ''} | {setting if i == 0 else ''} | {name} ({count(task)}) | "
                 f"{task['metric']} | "
                 f"{task['base']:.3f} | {task['adapter']:.3f} | {_delta(task)} | {_ci(task['ci95'])} |"
             )
@@ -127,7 +129,7 @@ def render(results: Path = RESULTS) -> str:
             )
         for name, v in named:
             selection.append(
-                f"| {domain} | {name} | {sweep['task']} ({v['n']}) | {v['base']:.3f} | {v['score']:.3f} | "
+                f"| {domain} | {name} | {sweep['task']} ({count(v)}) | {v['base']:.3f} | {v['score']:.3f} | "
                 f"{v['delta']:+.3f} | {_ci(v['ci95'])} | {v['steps']} | {v['wall_time_s'] / 60:.0f} min |"
             )
     if len(missing) == len(DOMAINS):
@@ -263,7 +265,7 @@ def _eval_table(scores: dict) -> list[str]:
     lines = ["| task | metric | n | base | adapter | delta | 95% CI |", "|---|---|---:|---:|---:|---:|---|"]
     for name, task in scores["tasks"].items():
         lines.append(
-            f"| {name} | {task['metric']} | {task['n']} | {task['base']:.3f} | {task['adapter']:.3f} | "
+            f"| {name} | {task['metric']} | {count(task)} | {task['base']:.3f} | {task['adapter']:.3f} | "
             f"{_delta(task)} | {_ci(task['ci95'])} |"
         )
     return lines

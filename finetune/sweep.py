@@ -149,6 +149,7 @@ def _scored(recipe: Recipe, report: dict, chosen: dict) -> dict:
         "run_dir": str(recipe.output_dir),
         "metric": task["metric"],
         "n": task["n"],
+        "groups": task.get("groups", task["n"]),
         "base": task["base"],
         "score": task["adapter"],
         "delta": task["delta"],
@@ -209,6 +210,7 @@ def run(name_or_path: str, overrides: list[str] = (), grid_args: list[str] = ())
 def markdown(result: dict) -> str:
     """sweep.md: the validation table (winner marked), then the winner's test table."""
     from finetune.eval import table
+    from finetune.eval.report import count
 
     lines = [
         f"# Sweep of `{result['recipe']}`",
@@ -234,7 +236,7 @@ def markdown(result: dict) -> str:
     for name, r in named + ([(f"{result['winner']}, trained without the subset (final)", final)] if final else []):
         ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
         lines.append(
-            f"| {name} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['score']:.3f} | {r['delta']:+.3f} | "
+            f"| {name} | {r['metric']} | {count(r)} | {r['base']:.3f} | {r['score']:.3f} | {r['delta']:+.3f} | "
             f"{ci} | {r['steps']} | {r['wall_time_s'] / 60:.0f} min | {r['peak_rss_mb'] / 1024:.1f} GB |"
         )
     if result["test_scores"]:

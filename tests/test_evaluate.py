@@ -210,6 +210,26 @@ def test_paired_bootstrap_contains_the_delta_and_is_deterministic_by_seed():
     assert metrics.paired_bootstrap([0.0] * 5, [1.0] * 5, 200, seed=0) == (1.0, 1.0)
 
 
+def test_a_grouped_bootstrap_resamples_whole_documents():
+    # 12 documents of 5 questions each; whether the adapter helps depends mostly on the document.
+    documents = [f"doc-{i // 5}" for i in range(60)]
+    base = [float(i % 5 == 0) for i in range(60)]
+    adapter = [float((i // 5) % 3 != 0 and i % 5 != 4) for i in range(60)]
+    grouped = metrics.paired_bootstrap(base, adapter, 1000, seed=0, groups=documents)
+    # Equal-sized documents: resampling documents is resampling their mean deltas, with the same draws.
+    means = [metrics.mean(adapter[d * 5 : d * 5 + 5]) - metrics.mean(base[d * 5 : d * 5 + 5]) for d in range(12)]
+    per_document = metrics.paired_bootstrap([0.0] * 12, means, 1000, seed=0)
+    assert grouped == pytest.approx(per_document)
+    assert grouped == pytest.approx((0.1333333, 0.5333333))
+    # Resampling the 60 questions one by one claims a narrower interval than the 12 documents support.
+    by_example = metrics.paired_bootstrap(base, adapter, 1000, seed=0)
+    assert by_example == pytest.approx((0.1833333, 0.4833333))
+    # One question per document is the plain bootstrap, draw for draw.
+    assert metrics.paired_bootstrap(base, adapter, 1000, seed=0, groups=[str(i) for i in range(60)]) == by_example
+    with pytest.raises(ValueError, match="one group per example"):
+        metrics.paired_bootstrap(base, adapter, 100, groups=documents[:-1])
+
+
 def test_a_task_is_a_regression_only_when_its_whole_interval_is_below_zero():
     result = {"tasks": {"worse": {"regression": True}, "unclear": {"regression": False}}}
     assert report.regressions(result) == ["worse"]
@@ -417,6 +437,8 @@ TASK_KEYS = {
     "seconds",
     "seconds_per_example",
     "cached",
+    "groups",
+    "examples",
 }
 
 
@@ -452,7 +474,7 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
     assert written["suite"] == "mine"
     assert set(written["tasks"]) == {"sentiment", "tables"}
     for name, task in written["tasks"].items():
-        assert set(task) == TASK_KEYS | ({"examples"} if name == "tables" else {"label_counts"})
+        assert set(task) == TASK_KEYS | (set() if name == "tables" else {"label_counts"})
         assert task["n"] == {"sentiment": 6, "tables": 3}[name]
         assert task["metric"] == {"sentiment": "accuracy", "tables": "numeric_match"}[name]
         assert 0.0 <= task["base"] <= 1.0 and 0.0 <= task["adapter"] <= 1.0
@@ -460,14 +482,29 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
         low, high = task["ci95"]
         assert low <= task["delta"] <= high
         assert task["regression"] == (high < 0)
-    assert set(written["tasks"]["tables"]["examples"][0]) == {"id", "answer", "base", "adapter"}
+    # Every example with its document, its answer and each model's output: the interval follows from the file alone.
+    tables, sentiment = written["tasks"]["tables"], written["tasks"]["sentiment"]
+    assert all(
+        set(e) == {"id", "group", "answer", "base", "adapter"} for t in (tables, sentiment) for e in t["examples"]
+    )
+    assert [e["group"][:13] for e in tables["examples"]] == ["tatqa-report-"] * 3
+    assert (tables["groups"], sentiment["groups"]) == (len({e["group"] for e in tables["examples"]}), 6)
+    for task, score in (
+        (tables, lambda e, who: metrics.numeric_match(e[who], e["answer"])),
+        (sentiment, lambda e, who: float(e[who] == e["answer"])),
+    ):
+        scores = {who: [score(e, who) for e in task["examples"]] for who in ("base", "adapter")}
+        groups = [e["group"] for e in task["examples"]]
+        assert metrics.mean(scores["adapter"]) == task["adapter"] and metrics.mean(scores["base"]) == task["base"]
+        assert list(metrics.paired_bootstrap(scores["base"], scores["adapter"], 200, 0, groups)) == task["ci95"]
     counts = written["tasks"]["sentiment"]["label_counts"]
     assert set(counts) == {"gold", "base", "adapter"}
     assert all(sum(c.values()) == 6 for c in counts.values())
     assert set(counts["base"]) | set(counts["adapter"]) <= {"positive", "negative", "neutral"}
     md = (out / "eval.md").read_text()
     assert "| task | metric | n | base | adapter | delta | 95% CI of delta |" in md
-    assert "| sentiment | accuracy | 6 |" in md and "| tables | numeric_match | 3 |" in md
+    assert "| sentiment | accuracy | 6 |" in md
+    assert f"| tables | numeric_match | {report.count(tables)} |" in md
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # n caps every task, on the same examples for base and adapter.
     capped = evaluation.run(out, suite=str(suite), n=2)

@@ -153,6 +153,9 @@ def test_contractnli_on_real_data():
     assert (len(train), len(validation)) == (867, 170)
     contracts = [{r["id"].rsplit("-", 2)[0] for r in rows} for rows in (train, validation)]
     assert not contracts[0] & contracts[1] and len(contracts[1]) == 10
+    # A contract's 17 hypotheses share its group, which the evaluation's bootstrap resamples as one.
+    assert all(r["group"] == r["id"].rsplit("-", 2)[0] for r in dev + test)
+    assert [len({r["group"] for r in rows}) for rows in (test, validation)] == [123, 10]
     assert answers(validation) == {"Entailment": 98, "Contradiction": 14, "NotMentioned": 58}
     # Contexts stay within the budget (plus the [...] markers at either end).
     assert max(len(r["context"]) for r in dev + test) <= legal.CONTEXT_CHARS + 12
@@ -220,6 +223,12 @@ def test_cuad_on_real_data():
         "\n\nAnswer with one of: Yes, No."
     )
     assert rows[1]["context"] == rows[0]["context"] and rows[1]["answer"] == "No"
+    assert (
+        rows[0]["group"]
+        == rows[1]["group"]
+        == "cuad-CybergyHoldingsInc_20140520_10-Q_EX-10.27_8605784_EX-10.27_Affiliate Agreement.pdf"
+    )
+    assert len({r["group"] for r in rows}) == 463  # contracts
     assert rows[1]["question"].endswith("(clause type: Termination For Convenience)")
 
 
@@ -289,6 +298,10 @@ def test_tatqa_on_real_data():
     assert (len(train), len(validation)) == (222, 56)
     assert [len(rows_of("tatqa", dev_file, split=s)) for s in ("train", "validation")] == [1332, 336]
     assert not {r["id"] for r in train} & {r["id"] for r in validation}
+    # Questions of one report share its group: 277 test reports, 56 validation ones.
+    assert len({r["group"] for r in test}) == 277
+    assert len({r["group"] for r in rows_of("tatqa", dev_file, split="validation")}) == 56
+    assert {r["group"] for r in train} == {r["group"] for r in rows_of("tatqa", dev_file, split="train")}
     assert Counter(r["scale"] for r in dev) == {
         None: 794,
         "thousand": 345,
@@ -332,6 +345,8 @@ def test_tatqa_on_real_data():
 def test_convfinqa_on_real_data():
     rows = rows_of("convfinqa", shared_data("finance/convfinqa/convfinqa_dataset.json"))
     assert len(rows) == 421
+    # Conversations on one filing page (Single_MRO/2007/page_134.pdf-1, -2, Double_...) share a group: 218 pages.
+    assert rows[0]["group"] == "convfinqa-MRO/2007/page_134.pdf" and len({r["group"] for r in rows}) == 218
     assert sum(len(r["history"]) // 2 + 1 for r in rows) == 1490
     messages = formats.to_sft(rows[0], "qa")["messages"]
     assert messages[0]["content"].startswith(
@@ -594,7 +609,13 @@ def test_general_formats(tmp_path):
             json.dumps(r)
             for r in [
                 {"question": "Pick two.", "options": ["one", "two"], "answer": 1, "explanation": "Two is two."},
-                {"question": "Pick x.", "options": {"x": "ex", "y": "why"}, "answer": "x", "context": "Letters."},
+                {
+                    "question": "Pick x.",
+                    "options": {"x": "ex", "y": "why"},
+                    "answer": "x",
+                    "context": "Letters.",
+                    "group": "alphabet",
+                },
             ]
         ),
     )
@@ -604,7 +625,7 @@ def test_general_formats(tmp_path):
         "B",
         "B\n\nTwo is two.",
     )
-    assert (second["answer"], second["context"]) == ("x", "Letters.")
+    assert (second["answer"], second["context"], first["group"], second["group"]) == ("x", "Letters.", None, "alphabet")
 
     pairs = write(tmp_path / "pairs.jsonl", json.dumps({"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}) + "\n")
     assert rows_of("preference", pairs) == [
@@ -654,6 +675,11 @@ def test_bad_records_give_one_line_errors(tmp_path):
         one_error("mcq_jsonl", mcq)
         == f"{mcq}:1: field 'answer': expected one of the option labels ['A', 'B'], found 'C'"
     )
+    mcq = write(
+        tmp_path / "mcq.jsonl",
+        json.dumps({"question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "A", "group": 7}) + "\n",
+    )
+    assert one_error("mcq_jsonl", mcq) == f"{mcq}:1: field 'group': expected a non-empty string, found 7"
 
     alpaca = write(tmp_path / "a.jsonl", json.dumps({"instruction": "Do it."}) + "\n")
     assert one_error("alpaca", alpaca) == f"{alpaca}:1: field 'output': expected a non-empty string, found None"

@@ -55,8 +55,8 @@ def test_a_sweep_picks_on_validation_scores_only_the_winner_on_test_and_a_rerun_
 
     names = ["learning_rate=0.001", "learning_rate=0.005"]
     assert [v["variant"] for v in result["variants"]] == names
-    # The 8-row subset in batches of 4: two steps each; the 7 validation questions of the sample.
-    assert [(v["steps"], v["n"], v["metric"]) for v in result["variants"]] == [(2, 7, "accuracy")] * 2
+    # The 8-row subset in batches of 4: two steps each; the 7 validation questions of the sample, one per abstract.
+    assert [(v["steps"], v["n"], v["groups"], v["metric"]) for v in result["variants"]] == [(2, 7, 7, "accuracy")] * 2
     scores = [v["score"] for v in result["variants"]]
     assert result["winner"] == names[scores.index(max(scores))]
     for name in names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from finetune.data import files, readers
@@ -72,6 +73,11 @@ def tatqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
             yield f"{where}, question {uid}", {"context": context, "question": question}
 
 
+def _report_uid(context, where: str) -> str:
+    table = context.get("table") if isinstance(context, dict) else None
+    return str(table.get("uid") if isinstance(table, dict) and table.get("uid") is not None else where)
+
+
 def _tatqa_context(context: dict, where: str) -> str:
     table = (context.get("table") or {}).get("table") if isinstance(context.get("table"), dict) else None
     if not isinstance(table, list) or not table or not all(isinstance(row, list) and row for row in table):
@@ -112,6 +118,7 @@ def tatqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
         "answer": answer,
         "scale": scale or None,
         "history": [],
+        "group": f"tatqa-report-{_report_uid(record['context'], where)}",
     }
 
 
@@ -227,6 +234,8 @@ def convfinqa_convert(record: dict, where: str, source: readers.RawSource) -> di
         "answer": answers[-1].strip(),
         "scale": None,
         "history": history,
+        # Several conversations read the same filing page (Single_X/2007/page_1.pdf-1, -2, Double_X/2007/page_1.pdf).
+        "group": "convfinqa-" + re.sub(r"^(Single|Double)_|-\d+$", "", str(record.get("id", where))),
     }
 
 

@@ -2,10 +2,13 @@
 
 - sft:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 - mcq:        {"id": str, "question": str, "options": {label: text}, "answer": label,
-               "context": str|None, "explanation": str|None, "instruction": str|None}
+               "context": str|None, "explanation": str|None, "instruction": str|None, "group": str|None}
               Classification sets are mcq rows whose labels are the class names.
 - qa:         {"id": str, "question": str, "context": str|None, "answer": str,
-               "scale": str|None, "history": [{"role", "content"}, ...]}   (generation tasks)
+               "scale": str|None, "history": [{"role", "content"}, ...], "group": str|None}   (generation tasks)
+
+`group` names the document a row was asked about (a contract, a report) when a source asks several questions of
+one document: such rows are not independent, so an evaluation resamples them together (eval/metrics.py).
 - preference: {"prompt": messages, "chosen": messages, "rejected": messages}
 - unpaired:   {"prompt": messages, "completion": messages, "label": bool}   (KTO: a desirable or undesirable answer)
 - text:       {"id": str, "text": str}   (a document of raw text, for continued pretraining)
@@ -81,6 +84,7 @@ def check_mcq(row: dict, where: str) -> dict:
         "context": _text(row, "context", where, optional=True),
         "explanation": _text(row, "explanation", where, optional=True),
         "instruction": _text(row, "instruction", where, optional=True),
+        "group": _text(row, "group", where, optional=True),
     }
 
 
@@ -93,6 +97,7 @@ def check_qa(row: dict, where: str) -> dict:
         "answer": _text(row, "answer", where),
         "scale": _text(row, "scale", where, optional=True),
         "history": check_messages(history, where, "history", need_assistant=False) if history else [],
+        "group": _text(row, "group", where, optional=True),
     }
 
 

@@ -118,7 +118,7 @@ def mmlu_convert(record: dict, where: str, source: readers.RawSource) -> dict:
 @readers.reader("mcq_jsonl", "mcq", card="formats.md")
 def mcq_convert(record: dict, where: str, source: readers.RawSource) -> dict:
     """Multiple choice: {question, options ({label: text} or a list), answer (label or index), context?,
-    explanation?}."""
+    explanation?, group? (the document asked about, so evaluation resamples its questions together)}."""
     record = _record(record, where, "question, options, answer")
     options = record.get("options")
     if isinstance(options, list) and 2 <= len(options) <= len(string.ascii_uppercase):
@@ -141,6 +141,7 @@ def mcq_convert(record: dict, where: str, source: readers.RawSource) -> dict:
         "context": _string(record, "context", where, optional=True),
         "explanation": _string(record, "explanation", where, optional=True),
         "instruction": _string(record, "instruction", where, optional=True),
+        "group": _string(record, "group", where, optional=True),
     }
 
 

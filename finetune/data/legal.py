@@ -234,6 +234,7 @@ def contractnli_convert(record: dict, where: str, source: readers.RawSource) -> 
         "context": _excerpt(text, spans, retrieve(text, spans, hypothesis)),
         "explanation": " ".join(text[spans[i][0] : spans[i][1]].strip() for i in evidence) or None,
         "instruction": CONTRACTNLI_INSTRUCTION,
+        "group": f"contractnli-{document.get('id')}",
     }
 
 
@@ -298,6 +299,7 @@ def cuad_convert(record: dict, where: str, source: readers.RawSource) -> dict:
         "context": _fit([" ".join(e.split()) for e in excerpts]),
         "explanation": None,
         "instruction": CUAD_INSTRUCTION,
+        "group": f"cuad-{record['Filename']}",
     }
 
 

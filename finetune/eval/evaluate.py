@@ -14,7 +14,8 @@ to answer.
   the model's own measure of how well it knows held-out text of the domain. Lower is better.
 
 Base and adapter are scored on the same examples, so the 95% confidence interval of the delta is a
-paired bootstrap over examples. A task whose whole interval lies on the worse side of 0 (below it;
+paired bootstrap: over documents where a source asks several questions of one (a row's `group`: a ContractNLI
+contract, a TAT-QA report), else over examples. A task whose whole interval lies on the worse side of 0 (below it;
 above it for perplexity) is a regression. The base model's scores are cached (eval/cache.py), so a
 rerun on the same base scores only the adapter.
 """
@@ -55,10 +56,12 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
     entry["seconds"] = {label: round(r["seconds"], 2) for label, r in scored.items()}
     entry["cached"] = [label for label, r in scored.items() if r.get("cached")]
     entry["seconds_per_example"] = {label: round(r["seconds"] / len(items), 3) for label, r in scored.items()}
+    groups = [it["row"].get("group") or it["id"] for it in items]
+    entry["groups"] = len(set(groups))
     if "adapter" in scored:
         base, adapter = scored["base"]["per_example"][metric], scored["adapter"]["per_example"][metric]
         entry["delta"] = entry["adapter"] - entry["base"]
-        entry["ci95"] = list(paired_bootstrap(base, adapter, resamples, seed))
+        entry["ci95"] = list(paired_bootstrap(base, adapter, resamples, seed, groups))
         entry["regression"] = is_regression(metric, entry["ci95"])
     else:
         entry.update(adapter=None, delta=None, ci95=None, regression=False)
@@ -69,12 +72,19 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
             "gold": _counts(it["answer"] for it in items),
             **{label: _counts(r["predictions"]) for label, r in scored.items()},
         }
-    elif task.kind == "text":
+    if task.kind == "text":
         entry["tokens"] = sum(scored["base"]["predictions"])  # tokens scored: the same for every model
     else:
+        # Each example's answer and what each model said (the option picked, or the generated answer), with its
+        # group: the interval can be recomputed from this file alone.
         entry["examples"] = [
-            {"id": it["id"], "answer": it["answer"], **{label: r["predictions"][i] for label, r in scored.items()}}
-            for i, it in enumerate(items)
+            {
+                "id": it["id"],
+                "group": group,
+                "answer": it["answer"],
+                **{label: r["predictions"][i] for label, r in scored.items()},
+            }
+            for i, (it, group) in enumerate(zip(items, groups))
         ]
     return entry
 

@@ -121,15 +121,29 @@ def mean(values: list[float]) -> float:
 
 
 def paired_bootstrap(
-    base: list[float], adapter: list[float], resamples: int = 1000, seed: int = 0
+    base: list[float], adapter: list[float], resamples: int = 1000, seed: int = 0, groups: list[str] | None = None
 ) -> tuple[float, float]:
-    """95% percentile interval of mean(adapter - base) over examples resampled with replacement."""
+    """95% percentile interval of mean(adapter - base), resampling with replacement.
+
+    With `groups` (each example's document), whole documents are resampled, a cluster bootstrap: examples asked of
+    one document are correlated, so resampling them one by one would claim more certainty than the data holds.
+    Without it (or when every example is its own group) examples are resampled, with the same draws."""
     if len(base) != len(adapter) or not base:
         raise ValueError("paired bootstrap needs two equally long, non-empty score lists")
-    deltas = [a - b for a, b in zip(adapter, base)]
+    if groups is not None and len(groups) != len(base):
+        raise ValueError("paired bootstrap needs one group per example")
+    sums, sizes = {}, {}
+    for key, a, b in zip(groups if groups is not None else range(len(base)), adapter, base):
+        sums[key] = sums.get(key, 0.0) + (a - b)
+        sizes[key] = sizes.get(key, 0) + 1
+    sums, sizes = list(sums.values()), list(sizes.values())
     rng = random.Random(seed)
-    n = len(deltas)
-    means = sorted(sum(deltas[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    g = len(sums)
+    means = []
+    for _ in range(resamples):
+        drawn = [rng.randrange(g) for _ in range(g)]
+        means.append(sum(sums[i] for i in drawn) / sum(sizes[i] for i in drawn))
+    means.sort()
     low = means[int(math.floor(0.025 * (resamples - 1)))]
     high = means[int(math.ceil(0.975 * (resamples - 1)))]
     return low, high

@@ -20,6 +20,12 @@ def ci_text(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "–"
 
 
+def count(task: dict) -> str:
+    """How many examples, and in how many documents when several share one (what the interval resamples)."""
+    groups = task.get("groups", task["n"])
+    return f"{task['n']} in {groups} docs" if groups < task["n"] else str(task["n"])
+
+
 def _score(value) -> str:
     return f"{value:.3f}" if value is not None else "–"
 
@@ -49,7 +55,7 @@ def table(result: dict) -> str:
         cells = [
             name,
             f"{t['metric']} (lower is better)" if lower_is_better(t["metric"]) else t["metric"],
-            str(t["n"]),
+            count(t),
             _score(t["base"]),
             _score(t["adapter"]),
             *([_score(t.get("merged"))] if has_merged else []),
@@ -70,8 +76,10 @@ def markdown(result: dict) -> str:
         table(result),
         "",
         f"Scores are fractions of examples (accuracy: option log-likelihood per token; accuracy_sum: summed; "
-        f"qa: greedy answers). The 95% interval is a paired bootstrap of the delta over examples "
-        f"({b['resamples']} resamples, seed {b['seed']}); REGRESSION marks an interval entirely below 0.",
+        f"qa: greedy answers). The 95% interval is a paired bootstrap of the delta "
+        f"({b['resamples']} resamples, seed {b['seed']}) over documents where a task asks several questions of one "
+        "('n in k docs': examples of one document are resampled together), else over examples; REGRESSION marks an "
+        "interval entirely below 0.",
     ]
     if any(lower_is_better(t["metric"]) for t in result["tasks"].values()):
         lines += [
