@@ -118,6 +118,8 @@ def _data_section(recipe: Recipe) -> list[str]:
 
 
 def _eval_section(run_dir: Path) -> list[str]:
+    from finetune.eval.report import ci_text, count
+
     report = runs.read_json(runs.RunFolder(run_dir).eval_json)
     tasks = (report or {}).get("tasks") or {}
     if not tasks:
@@ -125,15 +127,15 @@ def _eval_section(run_dir: Path) -> list[str]:
     lines = [
         "## Evaluation",
         "",
-        "Base model vs this model on the recipe's eval suite (95% confidence interval of the difference).",
+        "Base model vs this model on the recipe's eval suite (95% confidence interval of the difference; 'N in K docs':"
+        " questions about one document are resampled together).",
         "",
     ]
     lines += ["| task | n | base | fine-tuned | Δ | 95% CI |", "|---|---:|---:|---:|---:|---|"]
     for name, row in tasks.items():
-        low, high = (row.get("ci95") or [None, None])[:2]
-        ci = f"[{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else "–"
         lines.append(
-            f"| {name} | {row.get('n', '–')} | {row['base']:.3f} | {row['adapter']:.3f} | {row['delta']:+.3f} | {ci} |"
+            f"| {name} | {count(row)} | {row['base']:.3f} | {row['adapter']:.3f} | {row['delta']:+.3f} | "
+            f"{ci_text(row.get('ci95'))} |"
         )
     return lines + [""]
 

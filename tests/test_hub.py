@@ -34,6 +34,7 @@ EVAL = {
         },
         "medmcqa": {
             "n": 100,
+            "groups": 25,  # as if four questions were asked of each of 25 documents
             "base": 0.3,
             "adapter": 0.29,
             "delta": -0.01,
@@ -66,7 +67,7 @@ def test_card_front_matter_eval_table_and_licenses(run_dir, tmp_path):
     assert meta["pipeline_tag"] == "text-generation"
     assert "base_model" not in meta  # a local folder has no Hub id to link
     assert "| pubmedqa | 200 | 0.412 | 0.538 | +0.126 | [+0.071, +0.180] |" in card
-    assert "| medmcqa | 100 | 0.300 | 0.290 | -0.010 | [-0.060, +0.040] |" in card
+    assert "| medmcqa | 100 in 25 docs | 0.300 | 0.290 | -0.010 | [-0.060, +0.040] |" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny")' in card
     assert "apply_chat_template" in card
     assert "- transformers 5.23.0" in card  # from run.json's versions
