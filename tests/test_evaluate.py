@@ -485,7 +485,9 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
     # Every example with its document, its answer and each model's output: the interval follows from the file alone.
     tables, sentiment = written["tasks"]["tables"], written["tasks"]["sentiment"]
     assert all(
-        set(e) == {"id", "group", "answer", "base", "adapter"} for t in (tables, sentiment) for e in t["examples"]
+        set(e) == {"id", "group", "answer", "base", "adapter", "scores"}
+        for t in (tables, sentiment)
+        for e in t["examples"]
     )
     assert [e["group"][:13] for e in tables["examples"]] == ["tatqa-report-"] * 3
     assert (tables["groups"], sentiment["groups"]) == (len({e["group"] for e in tables["examples"]}), 6)
@@ -494,6 +496,7 @@ def test_a_run_writes_eval_json_md_and_png_with_exact_keys(tiny_run):
         (sentiment, lambda e, who: float(e[who] == e["answer"])),
     ):
         scores = {who: [score(e, who) for e in task["examples"]] for who in ("base", "adapter")}
+        assert [[e["scores"][who] for e in task["examples"]] for who in ("base", "adapter")] == list(scores.values())
         groups = [e["group"] for e in task["examples"]]
         assert metrics.mean(scores["adapter"]) == task["adapter"] and metrics.mean(scores["base"]) == task["base"]
         assert list(metrics.paired_bootstrap(scores["base"], scores["adapter"], 200, 0, groups)) == task["ci95"]

@@ -75,14 +75,15 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
     if task.kind == "text":
         entry["tokens"] = sum(scored["base"]["predictions"])  # tokens scored: the same for every model
     else:
-        # Each example's answer and what each model said (the option picked, or the generated answer), with its
-        # group: the interval can be recomputed from this file alone.
+        # Each example's answer, what each model said (the option picked, or the generated answer) and its score on the
+        # headline metric, with its group: the interval can be recomputed from this file alone.
         entry["examples"] = [
             {
                 "id": it["id"],
                 "group": group,
                 "answer": it["answer"],
                 **{label: r["predictions"][i] for label, r in scored.items()},
+                "scores": {label: r["per_example"][metric][i] for label, r in scored.items()},
             }
             for i, (it, group) in enumerate(zip(items, groups))
         ]
