@@ -68,6 +68,9 @@ def test_tables_are_rendered_from_the_files(tmp_path):
     task = {"n": 500, "metric": "accuracy", "base": 0.538, "adapter": 0.54, "delta": 0.002, "ci95": [-0.03, 0.034]}
     (tmp_path / "medical" / "eval.json").write_text(json.dumps({"tasks": {"pubmedqa": task}}))
     assert "| 0.538 | 0.540 | +0.002 | [-0.030, +0.034] |" in module.render(tmp_path)
+    # an interval over documents says how many
+    (tmp_path / "medical" / "eval.json").write_text(json.dumps({"tasks": {"pubmedqa": {**task, "groups": 123}}}))
+    assert "| pubmedqa (500 in 123 docs) | accuracy |" in module.render(tmp_path)
 
 
 def test_the_sample_section_is_rendered_from_the_sample_runs_files(tmp_path):
