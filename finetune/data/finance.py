@@ -56,9 +56,7 @@ def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[st
             f"{type(data).__name__}"
         )
     for index, context in enumerate(data):
-        table = context.get("table") if isinstance(context, dict) else None
-        key = table.get("uid") if isinstance(table, dict) else None
-        if readers.in_split(source.split, str(key if key is not None else index)):
+        if readers.in_split(source.split, _report_uid(context, str(index))):
             yield f"{path}: context {index}", context
 
 
