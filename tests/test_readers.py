@@ -512,6 +512,28 @@ def test_tatqa_sample():
     )
 
 
+def test_tatqa_reports_without_a_table_uid_are_split_and_grouped_by_their_position(tmp_path):
+    sample = json.loads((SAMPLES / "finance/tat-qa/tatqa_sample.json").read_text(encoding="utf-8"))
+    data = [json.loads(json.dumps(context)) for _ in range(4) for context in sample]  # 16 reports, so some validate
+    for repeat, context in enumerate(data):
+        del context["table"]["uid"]
+        for question in context["questions"]:
+            question["uid"] = f"{repeat}-{question['uid']}"
+    path = write(tmp_path / "no-uid.json", json.dumps(data))
+    rows = rows_of("tatqa", path, split="all")
+    # One group per report (its position), so an interval resamples a report's questions together.
+    assert [r["group"] for r in rows] == [
+        f"tatqa-report-{index}" for index, context in enumerate(data) for _ in context["questions"]
+    ]
+    reports = rows_of("tatqa_conversation", path, split="all")
+    assert [r["id"] for r in reports] == [f"tatqa-context-{index}" for index in range(len(data))]
+    # The split keys on the same position: each report's questions fall in one split, the splits part the file.
+    train, validation = (rows_of("tatqa", path, split=s) for s in ("train", "validation"))
+    assert {r["group"] for r in validation} == {"tatqa-report-11", "tatqa-report-13", "tatqa-report-14"}
+    assert {r["group"] for r in train}.isdisjoint({r["group"] for r in validation})
+    assert sorted(r["id"] for r in train + validation) == sorted(r["id"] for r in rows)
+
+
 def test_tatqa_conversation_trains_every_question_of_a_report_in_one_row(tokenizer):
     from finetune.data.build import tokenize
 

@@ -43,10 +43,10 @@ def markdown_table(rows: list[list]) -> str:
 # ---------------------------------------------------------------- TAT-QA
 
 
-def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[str, object]]:
+def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[str, object, str]]:
     """The contexts (one report table and its paragraphs, with its questions) of the source's split, with where each
-    is. Splits are by report, so no report is in two: validation is a fixed fifth (by the table's uid), train the
-    rest, all the whole file."""
+    is and its report key. Splits are by report, so no report is in two: validation is a fixed fifth (by the report
+    key), train the rest, all the whole file."""
     path = files.local_path(source.path, source.hub, reader)
     readers.check_split(source, reader)
     data = files.parse_json(path)
@@ -56,24 +56,27 @@ def _tatqa_contexts(source: readers.RawSource, reader: str) -> Iterator[tuple[st
             f"{type(data).__name__}"
         )
     for index, context in enumerate(data):
-        if readers.in_split(source.split, _report_uid(context, str(index))):
-            yield f"{path}: context {index}", context
+        report = _report_key(context, index)
+        if readers.in_split(source.split, report):
+            yield f"{path}: context {index}", context, report
 
 
 def tatqa_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """Every question of every context."""
-    for where, context in _tatqa_contexts(source, "tatqa"):
+    for where, context, report in _tatqa_contexts(source, "tatqa"):
         questions = context.get("questions") if isinstance(context, dict) else None
         if not isinstance(questions, list):
             raise FinetuneError(f"{where}: expected a 'questions' list; fix or re-download the file")
         for number, question in enumerate(questions):
             uid = question.get("uid", number) if isinstance(question, dict) else number
-            yield f"{where}, question {uid}", {"context": context, "question": question}
+            yield f"{where}, question {uid}", {"context": context, "question": question, "report": report}
 
 
-def _report_uid(context, where: str) -> str:
+def _report_key(context, index: int) -> str:
+    """The report's table uid, or its position in the file where it has none; the split and the interval's group
+    both use this key, so a report's questions are split and resampled together."""
     table = context.get("table") if isinstance(context, dict) else None
-    return str(table.get("uid") if isinstance(table, dict) and table.get("uid") is not None else where)
+    return str(table.get("uid") if isinstance(table, dict) and table.get("uid") is not None else index)
 
 
 def _tatqa_context(context: dict, where: str) -> str:
@@ -116,13 +119,14 @@ def tatqa_convert(record: dict, where: str, source: readers.RawSource) -> dict:
         "answer": answer,
         "scale": scale or None,
         "history": [],
-        "group": f"tatqa-report-{_report_uid(record['context'], where)}",
+        "group": f"tatqa-report-{record['report']}",
     }
 
 
 def tatqa_conversation_records(source: readers.RawSource) -> Iterator[tuple[str, dict]]:
     """Every context with all of its questions."""
-    yield from _tatqa_contexts(source, "tatqa_conversation")
+    for where, context, report in _tatqa_contexts(source, "tatqa_conversation"):
+        yield where, {"context": context, "report": report}
 
 
 @readers.reader(
@@ -135,13 +139,14 @@ def tatqa_conversation_convert(record: dict, where: str, source: readers.RawSour
 
     Questions keep TAT-QA's order; the first user turn is exactly the `tatqa` reader's prompt for the first
     question, and the report's text is read once, not once per question."""
-    questions = record.get("questions") if isinstance(record, dict) else None
+    context, report = record["context"], record["report"]
+    questions = context.get("questions") if isinstance(context, dict) else None
     if not isinstance(questions, list) or not questions:
         raise bad_row(where, "questions", "a non-empty list of questions", questions)
     ordered = sorted(questions, key=lambda q: q.get("order", 0) if isinstance(q, dict) else 0)
     rows = [
         tatqa_convert(
-            {"context": record, "question": q},
+            {"context": context, "question": q, "report": report},
             f"{where}, question {q.get('uid') if isinstance(q, dict) else i}",
             source,
         )
@@ -159,7 +164,7 @@ def tatqa_conversation_convert(record: dict, where: str, source: readers.RawSour
     last = rows[-1]
     return {
         **last,
-        "id": f"tatqa-context-{record.get('table', {}).get('uid', where)}",
+        "id": f"tatqa-context-{report}",
         "context": None if history else last["context"],
         "history": history,
     }
