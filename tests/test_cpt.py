@@ -16,6 +16,7 @@ from finetune import model as model_lib
 from finetune import pipeline, recipe, train
 from finetune.data.build import IGNORE, build, read_source, tokenize_text
 from finetune.errors import FinetuneError
+from finetune.eval.metrics import mean, paired_bootstrap
 from finetune.eval.scoring import score_text
 from finetune.eval.suite import Task
 from finetune.recipe import ModelSection, Recipe, SourceSection, validate
@@ -134,6 +135,15 @@ def test_continued_pretraining_lowers_held_out_perplexity_on_the_sample(tmp_path
     assert abstracts["metric"] == "perplexity" and abstracts["n"] == 10
     assert abstracts["adapter"] < 0.9 * abstracts["base"], abstracts
     assert abstracts["ci95"][1] < 0 and not abstracts["regression"]
+    # Each document's perplexity and tokens are kept, so the interval follows from eval.json alone.
+    records = abstracts["examples"]
+    assert [set(e) for e in records] == [{"id", "group", "tokens", "scores"}] * 10
+    assert sum(e["tokens"] for e in records) == abstracts["tokens"]
+    base, adapter = ([e["scores"][who] for e in records] for who in ("base", "adapter"))
+    assert (mean(base), mean(adapter)) == (abstracts["base"], abstracts["adapter"])
+    groups = [e["group"] for e in records]
+    bootstrap = outcome.evaluation["bootstrap"]
+    assert list(paired_bootstrap(base, adapter, bootstrap["resamples"], bootstrap["seed"], groups)) == abstracts["ci95"]
     assert "perplexity (lower is better)" in (outcome.run_dir / "eval.md").read_text()
 
     # CPT then SFT: the SFT run keeps training the same adapter.

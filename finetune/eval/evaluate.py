@@ -74,19 +74,21 @@ def _summary(task: Task, items: list[dict], scored: dict[str, dict], resamples: 
         }
     if task.kind == "text":
         entry["tokens"] = sum(scored["base"]["predictions"])  # tokens scored: the same for every model
-    else:
-        # Each example's answer, what each model said (the option picked, or the generated answer) and its score on the
-        # headline metric, with its group: the interval can be recomputed from this file alone.
-        entry["examples"] = [
-            {
-                "id": it["id"],
-                "group": group,
-                "answer": it["answer"],
-                **{label: r["predictions"][i] for label, r in scored.items()},
-                "scores": {label: r["per_example"][metric][i] for label, r in scored.items()},
-            }
-            for i, (it, group) in enumerate(zip(items, groups))
-        ]
+    # Each example's score on the headline metric with its group, and its answer and what each model said (the option
+    # picked, or the generated answer) or, for a document, the tokens scored: the interval follows from this file alone.
+    entry["examples"] = [
+        {
+            "id": it["id"],
+            "group": group,
+            **(
+                {"tokens": scored["base"]["predictions"][i]}
+                if task.kind == "text"
+                else {"answer": it["answer"], **{label: r["predictions"][i] for label, r in scored.items()}}
+            ),
+            "scores": {label: r["per_example"][metric][i] for label, r in scored.items()},
+        }
+        for i, (it, group) in enumerate(zip(items, groups))
+    ]
     return entry
 
 
