@@ -186,12 +186,12 @@ def test_each_real_recipe_trains_what_its_committed_sweep_chose():
 
 
 def test_committed_intervals_follow_from_their_per_example_records():
-    """Every committed real-data eval.json keeps each example's scores, and its intervals are those its records give,
-    with the questions of one document resampled together."""
+    """Every committed eval.json (real data and the shipped samples) keeps each example's scores, and its intervals
+    are those its records give, with the questions of one document resampled together."""
     from finetune.eval.metrics import mean, paired_bootstrap
 
     checked = []
-    for path in sorted((ROOT / "benchmarks" / "results" / "real").glob("*/eval.json")):
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*/*/eval.json")):
         result = json.loads(path.read_text())
         for name, task in result["tasks"].items():
             records = task["examples"]
@@ -201,5 +201,11 @@ def test_committed_intervals_follow_from_their_per_example_records():
             assert (mean(base), mean(adapter)) == (task["base"], task["adapter"])
             resamples, seed = result["bootstrap"]["resamples"], result["bootstrap"]["seed"]
             assert list(paired_bootstrap(base, adapter, resamples, seed, groups)) == task["ci95"]
-            checked.append(f"{path.parent.name}/{name}")
-    assert {path.split("/")[0] for path in checked} == {"medical", "legal", "finance"}
+            checked.append(f"{path.parent.parent.name}/{path.parent.name}/{name}")
+    assert {task.rsplit("/", 1)[0] for task in checked} == {
+        "real/medical",
+        "real/legal",
+        "real/finance",
+        "sample/medical",
+        "sample/medical-cpt",
+    }
