@@ -3,14 +3,16 @@ would tune it for a CPU.
 
 SFTTrainer + LoraConfig on a conversational dataset, `assistant_only_loss` with a chat template that
 marks the assistant turns, and TRL's defaults for everything else (padding per batch, no packing,
-gradient checkpointing on, linear schedule). The one change a CPU forces: `use_cpu=True, bf16=False`,
-because TRL's bf16 default refuses to start on a CPU (and bf16 runs ~17x slower there); on a GPU it stays bf16.
+gradient checkpointing on, linear schedule). On a CPU, `use_cpu=True` (without it TRL's bf16 default refuses to
+start) and `bf16=False`, the float32 the toolkit trains in by default: bf16 autocast is ~2x fp32 on CPUs with
+AVX512-BF16 or AMX and far slower on those without. `--bf16` turns it back on; on a GPU it stays bf16.
 
 --tuned sets what any TRL user can set: no gradient checkpointing (memory is not the limit here), micro-batches
 of 2 with gradient accumulation to the same rows per optimizer step, and length-grouped sampling (transformers 5:
 `train_sampling_strategy="group_by_length"`), so little compute goes to padding.
 
     python benchmarks/baseline_trl.py MODEL_DIR ROWS.jsonl CHAT_TEMPLATE OUT_DIR [--steps 4 --batch-size 8] [--tuned]
+        [--bf16]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def train(
     micro_batch: int | None = None,
     group_by_length: bool = False,
     max_length: int = 1024,
+    bf16: bool | None = None,
 ) -> SFTTrainer:
     """Train and return the trainer; the defaults are TRL's (checkpointing on, the whole batch per forward pass)."""
     dataset = load_dataset("json", data_files=rows, split="train")
@@ -54,7 +57,7 @@ def train(
         assistant_only_loss=True,
         chat_template_path=chat_template,
         use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported() if bf16 is None else bf16,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=int, default=32)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--tuned", action="store_true", help="no checkpointing, micro-batches of 2, length grouping")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a CPU too")
     a = parser.parse_args()
     train(
         a.model_dir,
@@ -100,6 +104,7 @@ def main() -> None:
         a.alpha,
         a.dropout,
         **(TUNED if a.tuned else {}),
+        bf16=True if a.bf16 else None,
     )
 
 

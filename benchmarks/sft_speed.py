@@ -11,10 +11,14 @@ Variants:
                      on, padding per batch, LM head over every position)
     baseline-tuned   the same, set up as a knowledgeable user would for a CPU (--tuned): no checkpointing,
                      micro-batches of 2 with gradient accumulation, length-grouped sampling
+    baseline-tuned-bf16  the tuned baseline with TRL's bf16 autocast (--tuned --bf16)
     ours             `finetune.train.run` with the recipe defaults and the same rows per optimizer step, fed
                      as micro-batches of 2 with gradient accumulation (the gradients equal one batch of 8's:
                      the loss is normalised by the tokens of the whole step, tests/test_sft_trainer.py)
     ours-checkpointing  ours with train.gradient_checkpointing=true: what memory would cost in speed
+    ours-bf16        lever: ours with model.compute_dtype=bfloat16 (autocast over float32 adapter weights); fast only
+                     on CPUs with AVX512-BF16 or AMX, and a TRL user can turn it on too, so its "vs tuned" is to
+                     baseline-tuned-bf16 when that runs
     ours-compile     lever: ours with train.compile=true (torch.compile, inductor's C++ kernels on CPU)
     ours-jemalloc    lever: ours with jemalloc as the memory allocator (LD_PRELOAD, Debian's libjemalloc2)
     ours-micro1      lever: micro-batches of 1 (no padding, no attention mask) with the same rows per step
@@ -23,7 +27,8 @@ Variants:
 
 Measured per run: effective tokens/s (tokens that count in the loss, per second of training), real
 (non-padding) tokens/s, padding fraction, peak RSS, per-step losses; and once per run, the machine's
-dense fp32 matmul FLOP/s, for the utilization column (see `model_flops` for what is counted).
+dense matmul FLOP/s in fp32 (and bf16 when a bf16 variant runs), for the utilization column: each variant
+against its own matmul dtype's rate (see `model_flops` for what is counted).
 
     make bench                                    # full run: JSON + table in benchmarks/results/, appended to
     RESULTS.md
@@ -85,6 +90,7 @@ def token_counts(rows_file: Path) -> tuple[int, int, list[int]]:
 BASELINES = {
     "baseline": {},
     "baseline-tuned": baseline_trl.TUNED,
+    "baseline-tuned-bf16": {**baseline_trl.TUNED, "bf16": True},
     "trl-no-checkpointing": {"checkpointing": False},  # the step breakdown's first row
 }
 
@@ -171,6 +177,7 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int
                 "ours": [],
                 "ours-jemalloc": [],  # the allocator is set by spawn()
                 "ours-checkpointing": ["train.gradient_checkpointing=true"],
+                "ours-bf16": ["model.compute_dtype=bfloat16"],
                 "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
                 "ours-compile": ["train.compile=true"],
                 "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
@@ -211,6 +218,16 @@ def matmul_flops(seconds: float = 3.0, size: int = 1024, dtype=None) -> float:
         a @ b
         done += 1
     return 2 * size**3 * done / (time.perf_counter() - started)
+
+
+def matmul_dtype(variant: str) -> str:
+    return "bfloat16" if variant.endswith("-bf16") else "float32"
+
+
+def matmul_peaks(dtypes: set[str]) -> dict[str, float]:
+    import torch
+
+    return {name: matmul_flops(dtype=getattr(torch, name)) for name in sorted(dtypes)}
 
 
 def model_flops(trained: int, real: int, rows: list[int]) -> float:
@@ -310,7 +327,7 @@ def summarize(variant: str, runs: list[dict], trained: int, real: int, flops: fl
     }
 
 
-def table(results: list[dict], baseline: dict, tuned: dict | None = None) -> str:
+def table(results: list[dict], baseline: dict, tuned: dict | None = None, tuned_bf16: dict | None = None) -> str:
     tuned = tuned or baseline
     lines = [
         "| variant | effective tok/s | real tok/s | vs baseline | vs tuned | padding | peak RSS MB | mean loss | "
@@ -319,7 +336,8 @@ def table(results: list[dict], baseline: dict, tuned: dict | None = None) -> str
     ]
     for r in results:
         ratio = r["effective_tokens_per_s"] / baseline["effective_tokens_per_s"]
-        versus_tuned = r["effective_tokens_per_s"] / tuned["effective_tokens_per_s"]
+        same_dtype = tuned_bf16 if tuned_bf16 and matmul_dtype(r["variant"]) == "bfloat16" else tuned
+        versus_tuned = r["effective_tokens_per_s"] / same_dtype["effective_tokens_per_s"]
         lines.append(
             f"| {r['variant']} | {r['effective_tokens_per_s']} | {r['real_tokens_per_s']} | {ratio:.2f}x | "
             f"{versus_tuned:.2f}x | "
@@ -371,17 +389,18 @@ def main() -> None:
     trained, real, lengths = token_counts(rows_file)
     flops = model_flops(trained, real, lengths)
 
-    peak_flops = [matmul_flops()]
     speed_variants = ["baseline", "baseline-tuned", "ours"] if a.smoke else a.variants.split(",")
+    dtypes = {matmul_dtype(v) for v in speed_variants} | {"float32"}
+    peaks_before = matmul_peaks(dtypes)
     runs: dict[str, list[dict]] = {v: [] for v in speed_variants}
     for repeat in range(a.repeats):
         order = speed_variants if repeat % 2 == 0 else speed_variants[::-1]
         for variant in order:
             print(f"repeat {repeat + 1}/{a.repeats}: {variant}", file=sys.stderr, flush=True)
             runs[variant].append(spawn(variant, rows_file, steps, a.batch_size))
-    peak_flops.append(matmul_flops())
-    peak = max(peak_flops)
-    results = [summarize(v, runs[v], trained, real, flops, peak) for v in speed_variants]
+    peaks = {name: max(rate, matmul_peaks({name})[name]) for name, rate in peaks_before.items()}
+    peak = peaks["float32"]
+    results = [summarize(v, runs[v], trained, real, flops, peaks[matmul_dtype(v)]) for v in speed_variants]
 
     memory = []
     if a.memory_steps:
@@ -413,10 +432,22 @@ def main() -> None:
             "real_tokens": real,
         },
         "matmul_gflops": round(peak / 1e9, 1),
+        **({"matmul_gflops_bf16": round(peaks["bfloat16"] / 1e9, 1)} if "bfloat16" in peaks else {}),
         "speedup": round(ours["effective_tokens_per_s"] / baseline["effective_tokens_per_s"], 2),
         "memory_ratio": round(ours["peak_rss_mb"] / baseline["peak_rss_mb"], 2),
         "speedup_vs_tuned": round(ours["effective_tokens_per_s"] / tuned["effective_tokens_per_s"], 2),
         "memory_ratio_vs_tuned": round(ours["peak_rss_mb"] / tuned["peak_rss_mb"], 2),
+        **(
+            {
+                "speedup_vs_tuned_bf16": round(
+                    by_name["ours-bf16"]["effective_tokens_per_s"]
+                    / by_name["baseline-tuned-bf16"]["effective_tokens_per_s"],
+                    2,
+                )
+            }
+            if {"ours-bf16", "baseline-tuned-bf16"} <= set(by_name)
+            else {}
+        ),
         "results": results,
         "memory": memory,
     }
@@ -445,6 +476,8 @@ def render(report: dict) -> str:
             f"SFT speed, {report['date'][:10]}: ours {report['speedup_vs_tuned']}x a tuned TRL's effective tokens/s "
             f"({defaults}), {report['memory_ratio_vs_tuned']}x its peak RSS"
         )
+        if "speedup_vs_tuned_bf16" in report:
+            title += f"; in bf16, {report['speedup_vs_tuned_bf16']}x the tuned TRL in bf16"
     elif "baseline" in by_name:
         title = f"SFT speed, {report['date'][:10]}: ours {report['speedup']}x TRL's defaults' effective tokens/s"
     else:  # a run of the toolkit's own variants: the ratio columns are to its first variant
@@ -455,12 +488,24 @@ def render(report: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
         f"{m['device']}; "
-        f"dense fp32 matmul {report['matmul_gflops']} GFLOP/s. Data: {d['source']}, {d['rows']} rows, {d['steps']} "
-        "steps "
-        f"of batch {d['batch_size']}, {d['real_tokens']} real tokens of which {d['trained_tokens']} count in the loss.",
+        f"dense fp32 matmul {report['matmul_gflops']} GFLOP/s"
+        + (f", bf16 {report['matmul_gflops_bf16']} GFLOP/s" if "matmul_gflops_bf16" in report else "")
+        + f". Data: {d['source']}, {d['rows']} rows, {d['steps']} steps of batch {d['batch_size']}, "
+        f"{d['real_tokens']} real tokens of which {d['trained_tokens']} count in the loss.",
         "",
-        table(report["results"], by_name.get("baseline", report["results"][0]), by_name.get("baseline-tuned")),
+        table(
+            report["results"],
+            by_name.get("baseline", report["results"][0]),
+            by_name.get("baseline-tuned"),
+            by_name.get("baseline-tuned-bf16"),
+        ),
     ]
+    if "matmul_gflops_bf16" in report:
+        text += [
+            "",
+            "The -bf16 rows' FLOP util is against the bf16 matmul rate"
+            + (", and their 'vs tuned' against baseline-tuned-bf16." if "baseline-tuned-bf16" in by_name else "."),
+        ]
     if report["memory"]:
         text += ["", "Memory (the same rows, fewer steps):", "", table(report["memory"], report["memory"][0])]
     return "\n".join(text) + "\n"

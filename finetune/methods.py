@@ -78,8 +78,9 @@ def common_args(recipe: Recipe, out: Path, has_eval: bool) -> dict:
         save_total_limit=2,
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
-        # TRL defaults to bf16, which CPUs run ~17x slower than fp32 (and most refuse); follow the compute dtype.
-        bf16=dtype == torch.bfloat16 and not on_cpu,
+        # Follow the compute dtype, not TRL's bf16 default: bf16 autocast is ~2x fp32 on CPUs with AVX512-BF16 or
+        # AMX and far slower on those without (README 'Speed'), so on a CPU it is the recipe's choice.
+        bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16 and not on_cpu,
         use_cpu=on_cpu,
         max_length=recipe.data.max_length,

@@ -30,9 +30,9 @@ class ModelSection(Section):
     double_quant: bool = Field(True, description="nf4 only: also quantize the quantization constants.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Dtype of the trainable weights and of matmuls. 'auto': float32 on CPU "
-        "(bfloat16 matmuls there run far slower; README 'Speed' has the measured rate), bfloat16 on GPUs "
-        "that support it, else float16.",
+        description="Dtype of the weights and of matmuls. 'auto': float32 on CPU, bfloat16 on GPUs that "
+        "support it, else float16. bfloat16 on a CPU is autocast over float32 adapter weights, faster than float32 "
+        "only where the CPU has AVX512-BF16 or AMX (README 'Speed' has the measured rates).",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."

@@ -163,10 +163,11 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
         log.info("resuming from %s", resume)
 
     trainer = methods.trainer(recipe, model, tokenizer, data, peft_config, [MetricsLog(folder)], out)
-    # TRL casts adapter weights of quantized models to bf16; on CPUs without bf16 matmul units that makes every
-    # step many times slower (the README's Speed section measures bf16 against fp32 matmuls), so keep trainable
-    # weights in the compute dtype.
+    # TRL casts adapter weights of quantized models to bf16; keep trainable weights in the compute dtype, except
+    # bf16 on a CPU: that is autocast over float32 master weights, whose small updates bf16 would round away.
     dtype = model_lib.compute_dtype(recipe.model)
+    if dtype == torch.bfloat16 and model_lib.device() == "cpu":
+        dtype = torch.float32
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)

@@ -148,7 +148,7 @@ def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_on
 def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_goal_is_met(tmp_path):
     module = _readme_results()
     names = [module.SPEED_RUNS["comparison"], *module.SPEED_RUNS["levers"]]
-    names += [module.SPEED_RUNS[key] for key in ("breakdown", "profile", "scaling")]
+    names += [module.SPEED_RUNS[key] for key in ("breakdown", "bf16", "profile", "scaling")]
     for name in names:
         (tmp_path / name).write_text((module.SPEED / name).read_text())
     comparison_file = tmp_path / module.SPEED_RUNS["comparison"]
@@ -167,6 +167,19 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     text = module.render_speed(tmp_path)
     assert "matmul 60%, attention 20%, dropout 10%, other 10%" in text and "more than 1.67x faster" in text
+    # bf16: the ratios follow the file, and the warning cites the profile's CPU only where its bf16 was slower
+    bf16_file = tmp_path / module.SPEED_RUNS["bf16"]
+    bf16 = json.loads(bf16_file.read_text())
+    by_name = {r["variant"]: r for r in bf16["results"]}
+    by_name["ours-bf16"]["effective_tokens_per_s"] = 2 * by_name["baseline-tuned-bf16"]["effective_tokens_per_s"]
+    bf16_file.write_text(json.dumps(bf16))
+    assert "the toolkit stays at 2.00x" in module.render_speed(tmp_path)
+    profile["matmul_gflops"] = {"float32": 100.0, "bfloat16": 50.0}
+    (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
+    assert "(the profile's CPU above: 50.0 GFLOP/s in bf16 against 100.0 in fp32)" in module.render_speed(tmp_path)
+    profile["matmul_gflops"] = {"float32": 100.0, "bfloat16": 200.0}
+    (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
+    assert "runs it far slower." in module.render_speed(tmp_path)
 
 
 def test_each_real_recipe_trains_what_its_committed_sweep_chose():

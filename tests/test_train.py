@@ -113,6 +113,17 @@ def test_lora_losses_are_pinned(tmp_path, tiny_llama_dir, quantization):
     torch.testing.assert_close(curve, torch.tensor(PINNED_LOSSES[quantization]), rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_on_a_cpu_is_autocast_over_float32_adapter_weights(tmp_path, tiny_llama_dir):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, max_steps=6)
+    recipe.model.compute_dtype = "bfloat16"
+    curve = torch.tensor(losses(train.run(recipe)))
+    # bf16 matmuls round: the curve follows the float32 one closely but not to float32's tolerance.
+    torch.testing.assert_close(curve, torch.tensor(PINNED_LOSSES["none"]), rtol=2e-3, atol=0)
+    assert not torch.allclose(curve, torch.tensor(PINNED_LOSSES["none"]), rtol=1e-4, atol=1e-4)
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+
+
 def test_a_finished_run_is_not_overwritten_without_asking(tmp_path, tiny_llama_dir):
     recipe = tiny_recipe(tmp_path, tiny_llama_dir, max_steps=2)
     train.run(recipe)
