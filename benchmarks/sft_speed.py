@@ -63,6 +63,8 @@ LEARNING_RATE = 1e-4
 MICRO_BATCH = 2
 # Room for scaling.py's longest rows in both: TRL truncates rows beyond its max_length, the toolkit refuses them.
 MAX_LENGTH = 2048
+# The bf16 lever (ours-bf16, step_profile.py --bf16): autocast over float32 adapter weights on a CPU.
+BF16 = ["model.compute_dtype=bfloat16"]
 
 
 # ---------------------------------------------------------------- workers (each in its own process)
@@ -177,7 +179,7 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int
                 "ours": [],
                 "ours-jemalloc": [],  # the allocator is set by spawn()
                 "ours-checkpointing": ["train.gradient_checkpointing=true"],
-                "ours-bf16": ["model.compute_dtype=bfloat16"],
+                "ours-bf16": BF16,
                 "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
                 "ours-compile": ["train.compile=true"],
                 "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],

@@ -16,6 +16,7 @@ other ops free the training would run 1 / share times faster. It also measures t
 matmuls themselves cheaper, bf16 compute: dense bf16 against fp32 matmul FLOP/s on this machine.
 
     .venv/bin/python benchmarks/step_profile.py                      # appends its table to RESULTS.md
+    .venv/bin/python benchmarks/step_profile.py --bf16               # the same with model.compute_dtype=bfloat16
     .venv/bin/python benchmarks/step_profile.py --smoke --out /tmp/p  # CI: the project's sample, 2 rows, 1 step
 """
 
@@ -45,13 +46,15 @@ def group_of(op: str) -> str:
     return "other"
 
 
-def profile_training(rows_file: Path, steps: int, batch_size: int) -> tuple[dict[str, float], dict]:
+def profile_training(
+    rows_file: Path, steps: int, batch_size: int, overrides: list[str]
+) -> tuple[dict[str, float], dict]:
     """Self CPU seconds per group over one `finetune` training run, and that run's own summary."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = sft_speed.run_ours(rows_file, steps, batch_size, Path(tmp), [], sft_speed.LORA["r"])
+        result = sft_speed.run_ours(rows_file, steps, batch_size, Path(tmp), overrides, sft_speed.LORA["r"])
     seconds = dict.fromkeys([*GROUPS, "other"], 0.0)
     for event in prof.key_averages():
         seconds[group_of(event.key)] += event.self_cpu_time_total / 1e6
@@ -67,7 +70,9 @@ def render(report: dict) -> str:
         f"## Where a training step's time goes, {report['date'][:10]}: matmuls {100 * share['matmul']:.0f}%, so no "
         f"lever outside them can exceed {1 / share['matmul']:.2f}x",
         "",
-        f"`benchmarks/step_profile.py`: ours (as in `make bench`) under torch.profiler, {d['rows']} PubMedQA rows, "
+        f"`benchmarks/step_profile.py{' --bf16' if report.get('bf16') else ''}`: ours (as in `make bench`"
+        f"{' with model.compute_dtype=bfloat16' if report.get('bf16') else ''}) under torch.profiler, {d['rows']} "
+        "PubMedQA rows, "
         f"{d['steps']} steps of {d['batch_size']}, {report['torch_threads']} torch threads; training ran "
         f"{report['train_runtime_s']:.1f} s under the profiler.",
         "",
@@ -88,6 +93,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=16, help="PubMedQA training items (default 16)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (default 8)")
     parser.add_argument("--smoke", action="store_true", help="CI: 2 rows of the project's sample, one step")
+    parser.add_argument("--bf16", action="store_true", help="train with model.compute_dtype=bfloat16")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and table"
     )
@@ -103,10 +109,11 @@ def main() -> None:
         sft_speed.write_rows(source, a.examples, rows_file)
         n_rows = len(rows_file.read_text().splitlines())
         steps = -(-n_rows // a.batch_size)
-        seconds, run = profile_training(rows_file, steps, a.batch_size)
+        seconds, run = profile_training(rows_file, steps, a.batch_size, sft_speed.BF16 if a.bf16 else [])
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "data": {"rows": n_rows, "steps": steps, "batch_size": a.batch_size},
+        "bf16": a.bf16,
         "torch_threads": run["torch_threads"],
         "train_runtime_s": run["train_runtime_s"],
         "seconds": {group: round(s, 3) for group, s in seconds.items()},
