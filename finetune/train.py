@@ -141,6 +141,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
 
 def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Path | None, resume: Path | None) -> Path:
     from peft import PeftModel
+    from peft.helpers import disable_input_dtype_casting
 
     started = time.time()
     folder = runs.RunFolder(out)
@@ -166,13 +167,17 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
     # TRL casts adapter weights of quantized models to bf16; keep trainable weights in the compute dtype, except
     # bf16 on a CPU: that is autocast over float32 master weights, whose small updates bf16 would round away.
     dtype = model_lib.compute_dtype(recipe.model)
-    if dtype == torch.bfloat16 and model_lib.device() == "cpu":
+    autocast_on_cpu = dtype == torch.bfloat16 and model_lib.device() == "cpu"
+    if autocast_on_cpu:
         dtype = torch.float32
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # PEFT casts each adapter's input to its float32 weights, and autocast casts it back to bf16 for the
+        # product: two copies of every adapted activation (and their gradients) for nothing.
+        with disable_input_dtype_casting(trainer.model, active=autocast_on_cpu):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         # A run that fails mid-step would leave its progress bar open, redrawn below the error line at exit.
         for callback in trainer.callback_handler.callbacks:

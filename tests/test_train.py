@@ -116,7 +116,19 @@ def test_lora_losses_are_pinned(tmp_path, tiny_llama_dir, quantization):
 def test_bf16_on_a_cpu_is_autocast_over_float32_adapter_weights(tmp_path, tiny_llama_dir):
     recipe = tiny_recipe(tmp_path, tiny_llama_dir, max_steps=6)
     recipe.model.compute_dtype = "bfloat16"
-    curve = torch.tensor(losses(train.run(recipe)))
+    adapter_inputs = set()
+
+    def record_adapter_input(module, args):
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            adapter_inputs.add(args[0].dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record_adapter_input)
+    try:
+        curve = torch.tensor(losses(train.run(recipe)))
+    finally:
+        hook.remove()
+    # The adapters take the bf16 activations as they are, without a float32 copy for PEFT's cast.
+    assert adapter_inputs == {torch.bfloat16}
     # bf16 matmuls round: the curve follows the float32 one closely but not to float32's tolerance.
     torch.testing.assert_close(curve, torch.tensor(PINNED_LOSSES["none"]), rtol=2e-3, atol=0)
     assert not torch.allclose(curve, torch.tensor(PINNED_LOSSES["none"]), rtol=1e-4, atol=1e-4)
