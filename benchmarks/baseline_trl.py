@@ -12,7 +12,7 @@ of 2 with gradient accumulation to the same rows per optimizer step, and length-
 `train_sampling_strategy="group_by_length"`), so little compute goes to padding.
 
     python benchmarks/baseline_trl.py MODEL_DIR ROWS.jsonl CHAT_TEMPLATE OUT_DIR [--steps 4 --batch-size 8] [--tuned]
-        [--bf16]
+        [--bf16] [--attn-implementation eager]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def train(
     group_by_length: bool = False,
     max_length: int = 1024,
     bf16: bool | None = None,
+    attn_implementation: str | None = None,
 ) -> SFTTrainer:
     """Train and return the trainer; the defaults are TRL's (checkpointing on, the whole batch per forward pass)."""
     dataset = load_dataset("json", data_files=rows, split="train")
@@ -66,6 +67,8 @@ def train(
         settings["activation_checkpointing"] = False
     if group_by_length:
         settings["train_sampling_strategy"] = "group_by_length"
+    if attn_implementation:
+        settings["model_init_kwargs"] = {"attn_implementation": attn_implementation}
     args = SFTConfig(**settings)
     peft_config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--tuned", action="store_true", help="no checkpointing, micro-batches of 2, length grouping")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a CPU too")
+    parser.add_argument("--attn-implementation", help="transformers' attention kernel (default: its sdpa)")
     a = parser.parse_args()
     train(
         a.model_dir,
@@ -105,6 +109,7 @@ def main() -> None:
         a.dropout,
         **(TUNED if a.tuned else {}),
         bf16=True if a.bf16 else None,
+        attn_implementation=a.attn_implementation,
     )
 
 

@@ -8,6 +8,9 @@ length. Lengths 256, 512, 1024, 2048 at rank 16; ranks 8, 16, 64 at length 512. 
 
     .venv/bin/python benchmarks/scaling.py              # writes benchmarks/results/scaling-*.json/.md and
                                                         # benchmarks/scaling.png, appends the table to RESULTS.md
+    .venv/bin/python benchmarks/scaling.py --pair ours-bf16,ours-eager-bf16 --ranks 16
+                                                        # any two sft_speed variants instead: eager attention
+                                                        # against sdpa in bf16 (plot in benchmarks/results/)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ LENGTHS = (256, 512, 1024, 2048)
 RANKS = (8, 16, 64)
 ROWS, BATCH = 8, 4
 ANSWER_TOKENS = 32
+PAIR = ("baseline-tuned", "ours")  # the reference, then the one compared with it
 
 
 def rows_of_length(length: int, target: Path) -> int:
@@ -80,8 +84,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
+    parser.add_argument("--pair", default=",".join(PAIR), help="two sft_speed variants: the reference, then the other")
     parser.add_argument("--smoke", action="store_true", help="CI: one point (256 tokens, rank 16), nothing appended")
     a = parser.parse_args()
+    pair = tuple(a.pair.split(","))
     scratch = Path(tempfile.mkdtemp(prefix="scaling-"))
     grid = [(length, 16) for length in map(int, a.lengths.split(","))]
     grid += [(512, rank) for rank in map(int, a.ranks.split(",")) if (512, rank) not in grid]
@@ -91,7 +97,7 @@ def main() -> None:
     for i, (length, rank) in enumerate(grid):
         rows_file = scratch / f"rows-{length}.jsonl"
         trained = rows_of_length(length, rows_file)
-        order = ("baseline-tuned", "ours") if i % 2 == 0 else ("ours", "baseline-tuned")
+        order = pair if i % 2 == 0 else pair[::-1]
         measured = {}
         for variant in order:
             print(f"length {length}, rank {rank}: {variant}", file=sys.stderr, flush=True)
@@ -102,30 +108,36 @@ def main() -> None:
         "machine": sft_speed.machine(),
         "rows": ROWS,
         "batch": BATCH,
+        "pair": list(pair),
         "points": points,
     }
     sft_speed.save_report(report, render(report), a.out, "scaling", append=not a.smoke)
-    plot(report, a.out / "scaling.png" if a.smoke else ROOT / "benchmarks" / "scaling.png")
+    if a.smoke or pair != PAIR:
+        plot(report, a.out / ("scaling.png" if pair == PAIR else f"scaling-{'-vs-'.join(pair)}.png"))
+    else:
+        plot(report, ROOT / "benchmarks" / "scaling.png")
 
 
 def render(report: dict) -> str:
+    reference, other = report.get("pair", PAIR)
+    pair = "" if (reference, other) == PAIR else f", {other} against {reference}"
     lines = [
-        f"## Scaling, {report['date'][:10]}: sequence length and LoRA rank (benchmarks/scaling.py)",
+        f"## Scaling, {report['date'][:10]}: sequence length and LoRA rank (benchmarks/scaling.py{pair})",
         "",
         f"{report['rows']} rows of exactly the given length, {report['rows'] // report['batch']} steps of "
         f"{report['batch']} (micro-batches of 2); effective tokens/s (tokens that count in the loss) and peak RSS.",
         "",
-        "| length | rank | tuned TRL tok/s | ours tok/s | ours / tuned | tuned RSS MB | ours RSS MB |",
+        f"| length | rank | {reference} tok/s | {other} tok/s | ratio | {reference} RSS MB | {other} RSS MB |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in report["points"]:
-        lines.append(point_row(p, "{:.2f}", "{:.0f}", 1))
+        lines.append(point_row(p, "{:.2f}", "{:.0f}", 1, (reference, other)))
     return "\n".join(lines) + "\n"
 
 
-def point_row(p: dict, speed: str, memory: str, memory_unit: float) -> str:
+def point_row(p: dict, speed: str, memory: str, memory_unit: float, pair: tuple[str, str] = PAIR) -> str:
     """One table row; a variant that failed (killed for memory, say) shows its failure instead of figures."""
-    tuned, ours = p["baseline-tuned"], p["ours"]
+    tuned, ours = p[pair[0]], p[pair[1]]
     cells = [str(p["length"]), str(p["rank"])]
     cells += [speed.format(v["tokens_per_s"]) if "tokens_per_s" in v else v["failed"] for v in (tuned, ours)]
     both = "tokens_per_s" in tuned and "tokens_per_s" in ours
@@ -140,18 +152,22 @@ def plot(report: dict, target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    pair = report.get("pair", PAIR)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, key, fixed in ((axes[0], "length", ("rank", 16)), (axes[1], "rank", ("length", 512))):
         points = sorted((p for p in report["points"] if p[fixed[0]] == fixed[1]), key=lambda p: p[key])
+        if len(points) < 2:  # a run over lengths only (--ranks 16) has no rank curve to draw
+            ax.set_visible(False)
+            continue
         xs = [p[key] for p in points]
-        for variant, color in (("baseline-tuned", "tab:gray"), ("ours", "tab:blue")):
+        for variant, color in zip(pair, ("tab:gray", "tab:blue"), strict=True):
             done = [(x, p[variant]) for x, p in zip(xs, points, strict=True) if "tokens_per_s" in p[variant]]
             ax.plot([x for x, _ in done], [v["tokens_per_s"] for _, v in done], "o-", color=color, label=variant)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"{key} ({fixed[0]} {fixed[1]})")
         ax.set_ylabel("effective tokens/s")
         twin = ax.twinx()
-        for variant, color in (("baseline-tuned", "tab:gray"), ("ours", "tab:blue")):
+        for variant, color in zip(pair, ("tab:gray", "tab:blue"), strict=True):
             done = [(x, p[variant]) for x, p in zip(xs, points, strict=True) if "peak_rss_mb" in p[variant]]
             twin.plot([x for x, _ in done], [v["peak_rss_mb"] / 1024 for _, v in done], "s--", color=color, alpha=0.5)
         twin.set_ylabel("peak RSS GB (dashed)")

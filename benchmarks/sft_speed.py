@@ -12,6 +12,7 @@ Variants:
     baseline-tuned   the same, set up as a knowledgeable user would for a CPU (--tuned): no checkpointing,
                      micro-batches of 2 with gradient accumulation, length-grouped sampling
     baseline-tuned-bf16  the tuned baseline with TRL's bf16 autocast (--tuned --bf16)
+    baseline-tuned-eager-bf16  the same with eager attention (--attn-implementation eager)
     ours             `finetune.train.run` with the recipe defaults and the same rows per optimizer step, fed
                      as micro-batches of 2 with gradient accumulation (the gradients equal one batch of 8's:
                      the loss is normalised by the tokens of the whole step, tests/test_sft_trainer.py)
@@ -19,6 +20,8 @@ Variants:
     ours-bf16        lever: ours with model.compute_dtype=bfloat16 (autocast over float32 adapter weights); fast only
                      on CPUs with AVX512-BF16 or AMX, and a TRL user can turn it on too, so its "vs tuned" is to
                      baseline-tuned-bf16 when that runs
+    ours-eager-bf16  lever: ours-bf16 with model.attn_implementation=eager (matmul attention instead of sdpa's CPU
+                     flash kernel); scaling.py --pair ours-bf16,ours-eager-bf16 measures it against row length
     ours-compile     lever: ours with train.compile=true (torch.compile, inductor's C++ kernels on CPU)
     ours-jemalloc    lever: ours with jemalloc as the memory allocator (LD_PRELOAD, Debian's libjemalloc2)
     ours-micro1      lever: micro-batches of 1 (no padding, no attention mask) with the same rows per step
@@ -93,6 +96,7 @@ BASELINES = {
     "baseline": {},
     "baseline-tuned": baseline_trl.TUNED,
     "baseline-tuned-bf16": {**baseline_trl.TUNED, "bf16": True},
+    "baseline-tuned-eager-bf16": {**baseline_trl.TUNED, "bf16": True, "attn_implementation": "eager"},
     "trl-no-checkpointing": {"checkpointing": False},  # the step breakdown's first row
 }
 
@@ -180,6 +184,7 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int
                 "ours-jemalloc": [],  # the allocator is set by spawn()
                 "ours-checkpointing": ["train.gradient_checkpointing=true"],
                 "ours-bf16": BF16,
+                "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
                 "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
                 "ours-compile": ["train.compile=true"],
                 "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],

@@ -35,7 +35,10 @@ class ModelSection(Section):
         "only where the CPU has AVX512-BF16 or AMX (README 'Speed' has the measured rates).",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+        "sdpa",
+        description="Attention kernel passed to transformers. 'eager' builds each layer's whole attention matrix: "
+        "on a CPU in bf16 it beats sdpa only on short rows, and costs far more time and memory on long ones (README "
+        "'Speed' has the measured rates).",
     )
     chat_template: str = Field(
         "auto",

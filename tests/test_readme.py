@@ -148,7 +148,7 @@ def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_on
 def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_goal_is_met(tmp_path):
     module = _readme_results()
     names = [module.SPEED_RUNS["comparison"], *module.SPEED_RUNS["levers"]]
-    names += [module.SPEED_RUNS[key] for key in ("breakdown", "bf16", "profile", "scaling")]
+    names += [module.SPEED_RUNS[key] for key in ("breakdown", "bf16", "profile", "scaling", "attention")]
     for name in names:
         (tmp_path / name).write_text((module.SPEED / name).read_text())
     comparison_file = tmp_path / module.SPEED_RUNS["comparison"]
@@ -174,6 +174,9 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     by_name["ours-bf16"]["effective_tokens_per_s"] = 2 * by_name["baseline-tuned-bf16"]["effective_tokens_per_s"]
     bf16_file.write_text(json.dumps(bf16))
     assert "the toolkit stays at 2.00x" in module.render_speed(tmp_path)
+    by_name["ours-eager-bf16"]["effective_tokens_per_s"] = 3 * by_name["ours-bf16"]["effective_tokens_per_s"]
+    bf16_file.write_text(json.dumps(bf16))
+    assert "trains the rows above at 3.00x sdpa's speed in bf16" in module.render_speed(tmp_path)
     profile["matmul_gflops"] = {"float32": 100.0, "bfloat16": 50.0}
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     assert "(the profile's CPU above: 50.0 GFLOP/s in bf16 against 100.0 in fp32)" in module.render_speed(tmp_path)
