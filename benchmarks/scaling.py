@@ -137,12 +137,12 @@ def render(report: dict) -> str:
 
 def point_row(p: dict, speed: str, memory: str, memory_unit: float, pair: tuple[str, str] = PAIR) -> str:
     """One table row; a variant that failed (killed for memory, say) shows its failure instead of figures."""
-    tuned, ours = p[pair[0]], p[pair[1]]
+    reference, other = p[pair[0]], p[pair[1]]
     cells = [str(p["length"]), str(p["rank"])]
-    cells += [speed.format(v["tokens_per_s"]) if "tokens_per_s" in v else v["failed"] for v in (tuned, ours)]
-    both = "tokens_per_s" in tuned and "tokens_per_s" in ours
-    cells.append(f"{ours['tokens_per_s'] / tuned['tokens_per_s']:.2f}x" if both else "-")
-    cells += [memory.format(v["peak_rss_mb"] / memory_unit) if "peak_rss_mb" in v else "-" for v in (tuned, ours)]
+    cells += [speed.format(v["tokens_per_s"]) if "tokens_per_s" in v else v["failed"] for v in (reference, other)]
+    both = "tokens_per_s" in reference and "tokens_per_s" in other
+    cells.append(f"{other['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if both else "-")
+    cells += [memory.format(v["peak_rss_mb"] / memory_unit) if "peak_rss_mb" in v else "-" for v in (reference, other)]
     return "| " + " | ".join(cells) + " |"
 
 
