@@ -296,7 +296,8 @@ def _fp32_utilization(run: dict, result: dict) -> float:
 
 def _speed_attention(bf16: dict, attention: dict) -> list[str]:
     """Eager attention in bf16: its gain on the benchmark's rows, and what it costs as rows grow."""
-    speed = {r["variant"]: r["effective_tokens_per_s"] for r in bf16["results"]}
+    by_name = {r["variant"]: r for r in bf16["results"]}
+    speed = {name: r["effective_tokens_per_s"] for name, r in by_name.items()}
     reference, other = attention["pair"]
     import scaling as scaling_script  # imported here because it pulls in torch and TRL
 
@@ -315,7 +316,7 @@ def _speed_attention(bf16: dict, attention: dict) -> list[str]:
         f"Eager attention (`model.attn_implementation=eager`: attention as plain matmuls, where sdpa runs torch's CPU "
         f"flash kernel) trains the rows above at {speed[other] / speed[reference]:.2f}x sdpa's speed in bf16: "
         f"{speed[other] / speed['baseline-tuned']:.2f}x the tuned TRL in fp32, at "
-        f"{_fp32_utilization(bf16, next(r for r in bf16['results'] if r['variant'] == other)):.0f}% of the fp32 "
+        f"{_fp32_utilization(bf16, by_name[other]):.0f}% of the fp32 "
         f"matmul FLOP/s.{trl} It "
         "builds each layer's whole attention matrix, so its cost grows with the square of the length "
         f"(`benchmarks/scaling.py --pair {reference},{other}`, {attention['date'][:10]}, {attention['rows']} rows "
