@@ -58,6 +58,12 @@ class AdapterSection(Section):
     r: int = Field(16, gt=0, description="Rank of the low-rank update.")
     alpha: int = Field(32, gt=0, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rslora).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    dropout_masks: Literal["packed", "torch"] = Field(
+        "packed",
+        description="How LoRA dropout draws its masks when training on a CPU: 'packed' cuts four 16-bit lanes "
+        "from each 64-bit random draw (p rounded to a multiple of 1/65536), a quarter of the serial draws of "
+        "'torch' (PEFT's nn.Dropout, one per element). GPUs always use nn.Dropout. README 'Speed' has the rates.",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' or a list such as [q_proj, v_proj]."
     )

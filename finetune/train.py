@@ -173,6 +173,8 @@ def _train(recipe: Recipe, out: Path, model, tokenizer, data, start_adapter: Pat
     for parameter in trainer.model.parameters():
         if parameter.requires_grad and parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)
+    if model_lib.device() == "cpu" and recipe.adapter.dropout_masks == "packed":
+        adapters.pack_dropout_masks(trainer.model)
     try:
         # PEFT casts each adapter's input to its float32 weights, and autocast casts it back to bf16 for the
         # product: two copies of every adapted activation (and their gradients) for nothing.

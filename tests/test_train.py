@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import train
+from finetune.adapters import PackedDropout
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
@@ -98,9 +99,12 @@ def test_qlora_nf4_training_lowers_the_loss(tmp_path, tiny_llama_dir):
 
 # Per-step losses of the first 6 steps on the tiny seeded Llama (tests/conftest.py), LoRA dropout 0.05, recorded once:
 # any change to the data order, the loss, the optimizer, LoRA's initialisation, dropout or nf4 loading shows here.
+# "torch masks" is the same run with PEFT's own nn.Dropout (adapter.dropout_masks=torch), recorded before packed
+# masks existed; the first step is the same in both because LoRA's B starts at zero.
 PINNED_LOSSES = {
-    "none": [11.3806734, 10.8812141, 9.9286804, 9.3919029, 8.6319981, 8.1207695],
-    "nf4": [11.2829809, 10.7805023, 9.7805500, 9.3708735, 8.5840473, 8.1811256],
+    "none": [11.3806725, 10.8913841, 9.9224110, 9.3888645, 8.6526403, 8.1197767],
+    "nf4": [11.2829800, 10.7806978, 9.7647333, 9.3861809, 8.6050634, 8.2025461],
+    "torch masks": [11.3806734, 10.8812141, 9.9286804, 9.3919029, 8.6319981, 8.1207695],
 }
 
 
@@ -111,6 +115,32 @@ def test_lora_losses_are_pinned(tmp_path, tiny_llama_dir, quantization):
     curve = torch.tensor(losses(train.run(recipe)))
     # Tolerances leave room for float rounding across CPUs (AVX2 vs AVX-512 kernels), nothing more.
     torch.testing.assert_close(curve, torch.tensor(PINNED_LOSSES[quantization]), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_dropout_masks_train_exactly_as_peft_does(tmp_path, tiny_llama_dir):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, max_steps=6)
+    recipe.adapter.dropout_masks = "torch"
+    curve = torch.tensor(losses(train.run(recipe)))
+    torch.testing.assert_close(curve, torch.tensor(PINNED_LOSSES["torch masks"]), rtol=1e-4, atol=1e-4)
+    # Packed masks are the default: other masks, so another curve from the second step on.
+    assert not torch.allclose(curve[1:], torch.tensor(PINNED_LOSSES["none"][1:]), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_dropout_drops_p_in_every_lane_and_scales_what_it_keeps():
+    torch.manual_seed(0)
+    dropout = PackedDropout(0.05)
+    x = torch.randn(4, 1000, 576, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert dropout.dropped == 3277  # p = 3277 / 65536 = 0.0500031
+    # Each of a draw's four 16-bit lanes drops at p: the top one too, whose sign bit random_() alone leaves at 0.
+    # 576,000 elements per lane: five standard deviations of the dropped fraction are 1.4e-3.
+    for lane in range(4):
+        assert abs(1 - kept.flatten()[lane::4].float().mean().item() - 3277 / 65536) < 1.4e-3
+    assert torch.equal(y[kept], x[kept] * dropout.scale)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, kept * dropout.scale)
+    assert dropout.eval()(x) is x
 
 
 def test_bf16_on_a_cpu_is_autocast_over_float32_adapter_weights(tmp_path, tiny_llama_dir):
