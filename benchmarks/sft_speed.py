@@ -25,7 +25,9 @@ Variants:
     ours-compile     lever: ours with train.compile=true (torch.compile, inductor's C++ kernels on CPU)
     ours-jemalloc    lever: ours with jemalloc as the memory allocator (LD_PRELOAD, Debian's libjemalloc2)
     ours-micro1      lever: micro-batches of 1 (no padding, no attention mask) with the same rows per step
-    ours-dropout0    not the same training: LoRA without dropout, what PEFT's per-module masks cost on CPU
+    ours-torch-dropout  the lever off: ours with adapter.dropout_masks=torch (PEFT's nn.Dropout, one serial random
+                     draw per element) instead of the default packed masks; ours-torch-dropout-bf16 the same in bf16
+    ours-dropout0    not the same training: LoRA without dropout, what LoRA dropout's masks cost on CPU
     ours-nf4/-int8   the memory section: the same run with a quantized base (fewer steps)
 
 Measured per run: effective tokens/s (tokens that count in the loss, per second of training), real
@@ -183,7 +185,9 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int
                 "ours": [],
                 "ours-jemalloc": [],  # the allocator is set by spawn()
                 "ours-checkpointing": ["train.gradient_checkpointing=true"],
+                "ours-torch-dropout": ["adapter.dropout_masks=torch"],
                 "ours-bf16": BF16,
+                "ours-torch-dropout-bf16": [*BF16, "adapter.dropout_masks=torch"],
                 "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
                 "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
                 "ours-compile": ["train.compile=true"],

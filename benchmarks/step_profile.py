@@ -7,8 +7,8 @@ torch.profiler, and groups the aten ops' self time:
     matmul      dense matrix products (forward, and the backward to the activations, through every frozen
                 layer, plus the LoRA products): the same work in TRL and here, and what fp32 cannot avoid
     attention   scaled-dot-product attention, forward and backward
-    dropout     LoRA dropout's random masks (PEFT draws one per adapted module, also for q, k and v, which share
-                their input)
+    dropout     the random draws of LoRA dropout's masks (one mask per adapted module, also for q, k and v, which
+                share their input); applying a packed mask (adapter.dropout_masks=packed) counts as other
     other       elementwise ops, norms, the optimizer, copies
 
 The matmul share bounds every lever that leaves the matmuls as they are (compile, fusion, allocators): with all
@@ -35,7 +35,7 @@ import sft_speed  # noqa: E402 - beside this file
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "attention": ("scaled_dot_product",),
-    "dropout": ("aten::bernoulli", "aten::native_dropout"),
+    "dropout": ("aten::bernoulli", "aten::native_dropout", "aten::random_"),
 }
 
 

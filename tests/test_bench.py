@@ -84,7 +84,7 @@ def test_the_step_profile_smoke_run_splits_the_training_time_into_op_groups(tmp_
     (report_file,) = tmp_path.glob("profile-*.json")
     report = json.loads(report_file.read_text())
     assert list(report["seconds"]) == ["matmul", "attention", "dropout", "other"]
-    # A LoRA step on a frozen base is mostly matmuls, and PEFT's dropout draws its masks on every step.
+    # A LoRA step on a frozen base is mostly matmuls, and LoRA dropout draws its masks' random bits on every step.
     total = sum(report["seconds"].values())
     assert 0.3 < report["seconds"]["matmul"] / total < 1 and report["seconds"]["dropout"] > 0
     assert report["data"] == {"rows": 2, "steps": 1, "batch_size": 2}

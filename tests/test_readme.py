@@ -177,6 +177,9 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     by_name["ours-eager-bf16"]["effective_tokens_per_s"] = 3 * by_name["ours-bf16"]["effective_tokens_per_s"]
     bf16_file.write_text(json.dumps(bf16))
     assert "trains the rows above at 3.00x sdpa's speed in bf16" in module.render_speed(tmp_path)
+    by_name["ours-torch-dropout-bf16"]["effective_tokens_per_s"] = by_name["ours-bf16"]["effective_tokens_per_s"] / 1.25
+    bf16_file.write_text(json.dumps(bf16))
+    assert "faster in fp32 and 1.25x in bf16 than PEFT's own masks" in module.render_speed(tmp_path)
     profile["matmul_gflops"] = {"float32": 100.0, "bfloat16": 50.0}
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     assert "(the profile's CPU above: 50.0 GFLOP/s in bf16 against 100.0 in fp32)" in module.render_speed(tmp_path)
