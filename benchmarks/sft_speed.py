@@ -168,6 +168,25 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
     }
 
 
+def ours_overrides(variant: str, batch_size: int) -> list[str]:
+    """The recipe overrides that make a toolkit variant."""
+    return {
+        "ours": [],
+        "ours-jemalloc": [],  # the allocator is set by spawn()
+        "ours-checkpointing": ["train.gradient_checkpointing=true"],
+        "ours-torch-dropout": ["adapter.dropout_masks=torch"],
+        "ours-bf16": BF16,
+        "ours-torch-dropout-bf16": [*BF16, "adapter.dropout_masks=torch"],
+        "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
+        "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
+        "ours-compile": ["train.compile=true"],
+        "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
+        "ours-dropout0": ["adapter.dropout=0"],
+        "ours-nf4": ["model.quantization=nf4"],
+        "ours-int8": ["model.quantization=int8"],
+    }[variant]
+
+
 def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int) -> None:
     """Train one variant and print its measurements as one JSON line."""
     import logging
@@ -181,21 +200,7 @@ def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int
         if variant in BASELINES:
             result = run_baseline(rows_file, steps, batch_size, work, variant, rank)
         else:
-            overrides = {
-                "ours": [],
-                "ours-jemalloc": [],  # the allocator is set by spawn()
-                "ours-checkpointing": ["train.gradient_checkpointing=true"],
-                "ours-torch-dropout": ["adapter.dropout_masks=torch"],
-                "ours-bf16": BF16,
-                "ours-torch-dropout-bf16": [*BF16, "adapter.dropout_masks=torch"],
-                "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
-                "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
-                "ours-compile": ["train.compile=true"],
-                "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
-                "ours-dropout0": ["adapter.dropout=0"],
-                "ours-nf4": ["model.quantization=nf4"],
-                "ours-int8": ["model.quantization=int8"],
-            }[variant]
+            overrides = ours_overrides(variant, batch_size)
             result = run_ours(rows_file, steps, batch_size, work, overrides, rank)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(result), flush=True)
@@ -232,7 +237,9 @@ def matmul_flops(seconds: float = 3.0, size: int = 1024, dtype=None) -> float:
 
 
 def matmul_dtype(variant: str) -> str:
-    return "bfloat16" if variant.endswith("-bf16") else "float32"
+    """The dtype of a variant's matmuls, read from its settings (not its name), for its utilization."""
+    bf16 = BASELINES[variant].get("bf16") if variant in BASELINES else BF16[0] in ours_overrides(variant, 1)
+    return "bfloat16" if bf16 else "float32"
 
 
 def matmul_peaks(dtypes: set[str]) -> dict[str, float]:
