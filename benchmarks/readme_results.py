@@ -59,7 +59,7 @@ SPEED_RUNS = {
     "breakdown": "sft-2026-12-03T183933.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
-    "scaling": "scaling-2026-12-03T180946.json",
+    "scaling": "scaling-2026-12-07T021120.json",
     "attention": "scaling-2026-12-06T205017.json",  # ours-bf16 against ours-eager-bf16 by row length
 }
 LEVERS = {

@@ -3,7 +3,8 @@
 # `finetune run medical-cpt`, each in its own folder, and the medical run exported as every other GGUF type; their
 # reports, and what the medical run and its q4_k_m export printed (console.txt), are copied to
 # benchmarks/results/sample/NAME/ and the README sections regenerated from them.
-#   bash benchmarks/sample_run.sh            (about 5 minutes on 2 cores: 290 s from an empty model cache; the GGUF checks need `make setup-llamacpp`)
+#   bash benchmarks/sample_run.sh   (about 5 minutes on 2 cores: 290 s from an empty model cache;
+#                                    the GGUF checks need `make setup-llamacpp`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 finetune=${FINETUNE:-.venv/bin/finetune}
