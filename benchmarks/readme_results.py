@@ -55,7 +55,7 @@ SPEED_END = "<!-- speed:end -->"
 # The runs the README reports; a new run is reported by naming its file here and regenerating.
 SPEED_RUNS = {
     "comparison": "sft-2026-12-06T234101.json",  # TRL defaults, TRL tuned, ours
-    "levers": ("sft-2026-12-03T172241.json", "sft-2026-12-03T173915.json", "sft-2026-11-23T155851.json"),
+    "levers": ("sft-2026-12-07T022523.json",),
     "breakdown": "sft-2026-12-03T183933.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
