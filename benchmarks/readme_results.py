@@ -55,7 +55,7 @@ SPEED_END = "<!-- speed:end -->"
 # The runs the README reports; a new run is reported by naming its file here and regenerating.
 SPEED_RUNS = {
     "comparison": "sft-2026-12-06T234101.json",  # TRL defaults, TRL tuned, ours
-    "levers": ("sft-2026-12-07T022523.json",),
+    "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T023629.json"),  # the second: compile over 16 steps
     "breakdown": "sft-2026-12-03T183933.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
@@ -63,12 +63,12 @@ SPEED_RUNS = {
     "attention": "scaling-2026-12-06T205017.json",  # ours-bf16 against ours-eager-bf16 by row length
 }
 LEVERS = {
-    "ours-compile": "`train.compile=true` (torch.compile; compiling is part of the 4 steps)",
+    "ours-compile": "`train.compile=true` (torch.compile; the time includes compiling)",
     "ours-jemalloc": "jemalloc as the allocator (`LD_PRELOAD`)",
     "ours-micro1": "micro-batches of 1 (`train.batch_size=1`, no padding)",
     "ours-checkpointing": "`train.gradient_checkpointing=true`",
-    "ours-nf4": "`model.quantization=nf4` (2 steps)",
-    "ours-int8": "`model.quantization=int8` (2 steps)",
+    "ours-nf4": "`model.quantization=nf4`",
+    "ours-int8": "`model.quantization=int8`",
     "ours-dropout0": "`adapter.dropout=0`: not the same training (no LoRA dropout)",
 }
 
@@ -193,8 +193,8 @@ def _speed_levers(runs: list[dict]) -> list[str]:
     lines = [
         "Levers, each against `ours` in the same run (`benchmarks/sft_speed.py --variants ours,...`):",
         "",
-        "| lever | run | effective tok/s vs ours | peak RSS vs ours | mean loss (ours) |",
-        "|---|---|---:|---:|---:|",
+        "| lever | run | steps | effective tok/s vs ours | peak RSS vs ours | mean loss (ours) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for run in runs:
         for results in (run["results"], run.get("memory", [])):
@@ -204,8 +204,8 @@ def _speed_levers(runs: list[dict]) -> list[str]:
                     speed = r["effective_tokens_per_s"] / ours["effective_tokens_per_s"]
                     memory = r["peak_rss_mb"] / ours["peak_rss_mb"]
                     lines.append(
-                        f"| {LEVERS[r['variant']]} | {run['date'][:10]} | {speed:.2f}x | {memory:.2f}x | "
-                        f"{r['mean_loss']:.3f} ({ours['mean_loss']:.3f}) |"
+                        f"| {LEVERS[r['variant']]} | {run['date'][:10]} | {len(r['losses'])} | {speed:.2f}x | "
+                        f"{memory:.2f}x | {r['mean_loss']:.3f} ({ours['mean_loss']:.3f}) |"
                     )
     return lines
 
