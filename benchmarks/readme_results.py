@@ -56,7 +56,7 @@ SPEED_END = "<!-- speed:end -->"
 SPEED_RUNS = {
     "comparison": "sft-2026-12-06T234101.json",  # TRL defaults, TRL tuned, ours
     "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T023629.json"),  # the second: compile over 16 steps
-    "breakdown": "sft-2026-12-03T183933.json",
+    "breakdown": "sft-2026-12-07T034852.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
     "scaling": "scaling-2026-12-07T021120.json",
@@ -212,8 +212,10 @@ def _speed_levers(runs: list[dict]) -> list[str]:
 
 STEPS = {
     "trl-no-checkpointing": "TRL's SFTTrainer, checkpointing off, the 8 rows in one pass",
-    "ours-batch8": "the toolkit, the 8 rows in one pass: LM head over trained positions only, left padding",
-    "ours": "the toolkit as it trains: micro-batches of 2 of similar length, accumulated",
+    "ours-batch8-torch-dropout": "the toolkit, the 8 rows in one pass: LM head over trained positions only, left "
+    "padding (PEFT's dropout masks)",
+    "ours-torch-dropout": "the same as micro-batches of 2 of similar length, accumulated",
+    "ours": "the same with packed dropout masks: the toolkit as it trains",
     "ours-checkpointing": "the same with gradient checkpointing, what saving memory costs",
 }
 

@@ -27,6 +27,8 @@ Variants:
     ours-micro1      lever: micro-batches of 1 (no padding, no attention mask) with the same rows per step
     ours-torch-dropout  the lever off: ours with adapter.dropout_masks=torch (PEFT's nn.Dropout, one serial random
                      draw per element) instead of the default packed masks; ours-torch-dropout-bf16 the same in bf16
+    trl-no-checkpointing, ours-batch8, ours-batch8-torch-dropout  the README's one-change-at-a-time breakdown:
+                     TRL and the toolkit with the step's rows in one pass (the latter with PEFT's dropout masks)
     ours-dropout0    not the same training: LoRA without dropout, what LoRA dropout's masks cost on CPU
     ours-nf4/-int8   the memory section: the same run with a quantized base (fewer steps)
 
@@ -179,6 +181,11 @@ def ours_overrides(variant: str, batch_size: int) -> list[str]:
         "ours-torch-dropout-bf16": [*BF16, "adapter.dropout_masks=torch"],
         "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
         "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
+        "ours-batch8-torch-dropout": [
+            f"train.batch_size={batch_size}",
+            "train.gradient_accumulation=1",
+            "adapter.dropout_masks=torch",
+        ],
         "ours-compile": ["train.compile=true"],
         "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
         "ours-dropout0": ["adapter.dropout=0"],
