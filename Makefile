@@ -41,7 +41,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Execute every notebook in notebooks/ headless; the executed copies (with their plots) and their run folders go to notebooks/out/.
+# Execute every notebook in notebooks/ headless; the executed copies (with their plots) and their run folders go to
+# notebooks/out/.
 notebooks: $(VENV)/.installed
 	$(BIN)/python notebooks/run.py
 

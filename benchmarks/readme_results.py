@@ -159,8 +159,17 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def _by_variant(run: dict) -> dict[str, dict]:
+    return {r["variant"]: r for r in run["results"]}
+
+
+def _bf16_slower(profile: dict) -> bool:
+    """Whether the profiled CPU multiplies slower in bf16 than in fp32: it has no bf16 matmul units."""
+    return profile["matmul_gflops"]["bfloat16"] < profile["matmul_gflops"]["float32"]
+
+
 def _speed_comparison(run: dict) -> list[str]:
-    by_name = {r["variant"]: r for r in run["results"]}
+    by_name = _by_variant(run)
     defaults, tuned, ours = by_name["baseline"], by_name["baseline-tuned"], by_name["ours"]
     m, d = run["machine"], run["data"]
     lines = [
@@ -239,7 +248,7 @@ def _speed_breakdown(run: dict) -> list[str]:
 
 
 def _speed_bf16(run: dict, profile: dict) -> list[str]:
-    by_name = {r["variant"]: r for r in run["results"]}
+    by_name = _by_variant(run)
     tuned, tuned_bf16 = by_name["baseline-tuned"], by_name["baseline-tuned-bf16"]
     ours_bf16 = by_name["ours-bf16"]
     lines = [
@@ -272,7 +281,7 @@ def _speed_bf16(run: dict, profile: dict) -> list[str]:
     gflops = profile["matmul_gflops"]
     slower = (
         f" (the profile's CPU above: {gflops['bfloat16']} GFLOP/s in bf16 against {gflops['float32']} in fp32)"
-        if gflops["bfloat16"] < gflops["float32"]
+        if _bf16_slower(profile)
         else ""
     )
     fp32_utilization = _fp32_utilization(run, ours_bf16)
@@ -309,7 +318,7 @@ def _fp32_utilization(run: dict, result: dict) -> float:
 
 def _speed_attention(bf16: dict, attention: dict) -> list[str]:
     """Eager attention in bf16: its gain on the benchmark's rows, and what it costs as rows grow."""
-    by_name = {r["variant"]: r for r in bf16["results"]}
+    by_name = _by_variant(bf16)
     speed = {name: r["effective_tokens_per_s"] for name, r in by_name.items()}
     reference, other = attention["pair"]
     import scaling as scaling_script  # imported here because it pulls in torch and TRL
@@ -357,7 +366,7 @@ def _speed_profile(profile: dict) -> list[str]:
         f"more than {total / seconds['matmul']:.2f}x faster even if every other op became free. The one lever on the "
         f"matmuls themselves, bf16 compute, runs at {gflops['bfloat16']} GFLOP/s against fp32's {gflops['float32']} "
         f"on this profile's CPU (torch capability {profile['cpu_capability']})"
-        + (", which has no bf16 matmul units." if gflops["bfloat16"] < gflops["float32"] else "."),
+        + (", which has no bf16 matmul units." if _bf16_slower(profile) else "."),
     ]
 
 

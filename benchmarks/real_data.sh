@@ -8,7 +8,10 @@
 # A rerun continues where it stopped: finished variants are skipped, an unfinished one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -d ../shared/data ] || { echo "real_data.sh: ../shared/data not found; these runs need the shared data sets beside the project" >&2; exit 2; }
+[ -d ../shared/data ] || {
+  echo "real_data.sh: ../shared/data not found; these runs need the shared data sets beside the project" >&2
+  exit 2
+}
 finetune=${FINETUNE:-.venv/bin/finetune}
 python=${PYTHON:-.venv/bin/python}
 

@@ -172,6 +172,7 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
 
 def ours_overrides(variant: str, batch_size: int) -> list[str]:
     """The recipe overrides that make a toolkit variant."""
+    one_pass = [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"]
     return {
         "ours": [],
         "ours-jemalloc": [],  # the allocator is set by spawn()
@@ -180,12 +181,8 @@ def ours_overrides(variant: str, batch_size: int) -> list[str]:
         "ours-bf16": BF16,
         "ours-torch-dropout-bf16": [*BF16, "adapter.dropout_masks=torch"],
         "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
-        "ours-batch8": [f"train.batch_size={batch_size}", "train.gradient_accumulation=1"],
-        "ours-batch8-torch-dropout": [
-            f"train.batch_size={batch_size}",
-            "train.gradient_accumulation=1",
-            "adapter.dropout_masks=torch",
-        ],
+        "ours-batch8": one_pass,
+        "ours-batch8-torch-dropout": [*one_pass, "adapter.dropout_masks=torch"],
         "ours-compile": ["train.compile=true"],
         "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
         "ours-dropout0": ["adapter.dropout=0"],
