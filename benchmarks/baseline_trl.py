@@ -43,6 +43,7 @@ def train(
     max_length: int = 1024,
     bf16: bool | None = None,
     attn_implementation: str | None = None,
+    callbacks: list | None = None,
 ) -> SFTTrainer:
     """Train and return the trainer; the defaults are TRL's (checkpointing on, the whole batch per forward pass)."""
     dataset = load_dataset("json", data_files=rows, split="train")
@@ -73,7 +74,9 @@ def train(
     peft_config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    trainer = SFTTrainer(model=model_dir, args=args, train_dataset=dataset, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model_dir, args=args, train_dataset=dataset, peft_config=peft_config, callbacks=callbacks
+    )
     trainer.train()
     return trainer
 

@@ -55,7 +55,7 @@ SPEED_END = "<!-- speed:end -->"
 # The runs the README reports; a new run is reported by naming its file here and regenerating.
 SPEED_RUNS = {
     "comparison": "sft-2026-12-06T234101.json",  # TRL defaults, TRL tuned, ours
-    "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T023629.json"),  # the second: compile over 16 steps
+    "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T064115.json"),  # the second: compile over 16 steps
     "breakdown": "sft-2026-12-07T034852.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
@@ -216,7 +216,26 @@ def _speed_levers(runs: list[dict]) -> list[str]:
                         f"| {LEVERS[r['variant']]} | {run['date'][:10]} | {len(r['losses'])} | {speed:.2f}x | "
                         f"{memory:.2f}x | {r['mean_loss']:.3f} ({ours['mean_loss']:.3f}) |"
                     )
-    return lines
+    timed = [run for run in runs if "step_s" in _by_variant(run).get("ours-compile", {})]
+    return lines + (_compile_steady_state(timed[-1]) if timed else [])
+
+
+def _compile_steady_state(run: dict) -> list[str]:
+    """torch.compile once compiled: its steps after the first against ours', and what its first step costs more."""
+    by_name = _by_variant(run)
+    steady, first = {}, {}
+    for variant in ("ours", "ours-compile"):
+        (seconds,) = by_name[variant]["step_s"]  # one repeat
+        (runtime,) = by_name[variant]["train_runtime_s"]
+        steady[variant], first[variant] = sum(seconds) / len(seconds), runtime - sum(seconds)
+    return [
+        "",
+        f"torch.compile once compiled ({run['date'][:10]}, steps 2 to {len(by_name['ours']['losses'])}, "
+        f"each timed from one logged loss to the next): {steady['ours-compile']:.1f} s a step against ours' "
+        f"{steady['ours']:.1f} s, "
+        f"{steady['ours'] / steady['ours-compile']:.2f}x ours' speed; its first step, where it compiles, takes "
+        f"{first['ours-compile'] - first['ours']:.0f} s longer than ours'.",
+    ]
 
 
 STEPS = {

@@ -33,7 +33,8 @@ Variants:
     ours-nf4/-int8   the memory section: the same run with a quantized base (fewer steps)
 
 Measured per run: effective tokens/s (tokens that count in the loss, per second of training), real
-(non-padding) tokens/s, padding fraction, peak RSS, per-step losses; and once per run, the machine's
+(non-padding) tokens/s, padding fraction, peak RSS, per-step losses, the seconds each step after the first took
+(from the time its loss was logged: what a one-time cost like compiling leaves out); and once per run, the machine's
 dense matmul FLOP/s in fp32 (and bf16 when a bf16 variant runs), for the utilization column: each variant
 against its own matmul dtype's rate (see `model_flops` for what is counted).
 
@@ -105,13 +106,31 @@ BASELINES = {
 }
 
 
+def step_seconds(stamps: list[float]) -> list[float]:
+    """Seconds from one logged loss to the next: every step's time but the first's, whose start is not logged."""
+    return [round(later - earlier, 3) for earlier, later in zip(stamps, stamps[1:])]
+
+
 def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, variant: str, rank: int) -> dict:
+    from transformers import TrainerCallback
+
     from finetune import model as model_lib
     from finetune.train import padding_fraction
+
+    class LossClock(TrainerCallback):
+        """The time each training loss is logged, as the toolkit's metrics.jsonl records it."""
+
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.stamps.append(time.time())
 
     model_dir = embedded_dir()
     template = work / "chatml.jinja"
     template.write_text(model_lib.training_chat_template(None, "chatml"))
+    clock = LossClock()
     trainer = baseline_trl.train(
         model_dir,
         str(rows_file),
@@ -124,11 +143,17 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, varia
         2 * rank,
         LORA["dropout"],
         max_length=MAX_LENGTH,
+        callbacks=[clock],
         **BASELINES[variant],
     )
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     runtime = next(r["train_runtime"] for r in trainer.state.log_history if "train_runtime" in r)
-    return {"train_runtime_s": runtime, "losses": losses, "padding_fraction": padding_fraction(trainer)}
+    return {
+        "train_runtime_s": runtime,
+        "losses": losses,
+        "step_s": step_seconds(clock.stamps),
+        "padding_fraction": padding_fraction(trainer),
+    }
 
 
 def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides: list[str], rank: int) -> dict:
@@ -162,10 +187,11 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
     )
     out = train.run(recipe)
     summary = json.loads((out / "run.json").read_text())
-    losses = [r["loss"] for r in runs.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    logged = [r for r in runs.read_metrics(out / "metrics.jsonl") if "loss" in r]
     return {
         "train_runtime_s": summary["train_runtime_s"],
-        "losses": losses,
+        "losses": [r["loss"] for r in logged],
+        "step_s": step_seconds([r["time"] for r in logged]),
         "padding_fraction": summary["padding_fraction"],
     }
 
@@ -345,6 +371,7 @@ def summarize(variant: str, runs: list[dict], trained: int, real: int, flops: fl
         "mean_loss": round(statistics.mean(runs[0]["losses"]), 4),
         "final_loss": round(runs[0]["losses"][-1], 4),
         "losses": runs[0]["losses"],
+        "step_s": [r["step_s"] for r in runs],
         "utilization_pct": round(100 * flops / runtime / peak_flops, 1),
     }
 
@@ -353,18 +380,19 @@ def table(results: list[dict], baseline: dict, tuned: dict | None = None, tuned_
     tuned = tuned or baseline
     lines = [
         "| variant | effective tok/s | real tok/s | vs baseline | vs tuned | padding | peak RSS MB | mean loss | "
-        "final loss | FLOP util |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "final loss | FLOP util | s per step after the first |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r["effective_tokens_per_s"] / baseline["effective_tokens_per_s"]
         same_dtype = tuned_bf16 if tuned_bf16 and matmul_dtype(r["variant"]) == "bfloat16" else tuned
         versus_tuned = r["effective_tokens_per_s"] / same_dtype["effective_tokens_per_s"]
+        seconds = [step for repeat in r["step_s"] for step in repeat]
         lines.append(
             f"| {r['variant']} | {r['effective_tokens_per_s']} | {r['real_tokens_per_s']} | {ratio:.2f}x | "
             f"{versus_tuned:.2f}x | "
             f"{r['padding_fraction']:.1%} | {r['peak_rss_mb']:.0f} | {r['mean_loss']} | {r['final_loss']} | "
-            f"{r['utilization_pct']}% |"
+            f"{r['utilization_pct']}% | {f'{statistics.mean(seconds):.2f}' if seconds else '-'} |"
         )
     return "\n".join(lines)
 

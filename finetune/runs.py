@@ -3,7 +3,7 @@
     RUN_DIR/recipe.yaml     the resolved recipe
     RUN_DIR/adapter/        adapter, tokenizer and training chat template
     RUN_DIR/checkpoints/    resumable trainer checkpoints (checkpoint-N)
-    RUN_DIR/metrics.jsonl   every logged step
+    RUN_DIR/metrics.jsonl   every logged step, with its wall-clock time
     RUN_DIR/run.json        written last: its presence means the training finished
     RUN_DIR/eval.json       base vs adapter (eval.md, eval.png beside it)
     RUN_DIR/merged/         the merged model (merge.json inside)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog(TrainerCallback):
-    """Appends every log record to metrics.jsonl and stops on a non-finite loss."""
+    """Appends every log record to metrics.jsonl, stamped with the wall-clock time (as TensorBoard stamps its events,
+    so step times can be read back), and stops on a non-finite loss."""
 
     def __init__(self, folder: runs.RunFolder):
         self.folder = folder
@@ -40,7 +41,7 @@ class MetricsLog(TrainerCallback):
         if not logs:
             return
         if state.is_world_process_zero:
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
             with self.folder.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         # Every process sees the same (gathered) loss, so all of them stop, and none waits for the others forever.

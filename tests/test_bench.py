@@ -36,6 +36,9 @@ def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_pa
     for result in (baseline, tuned, ours):
         assert len(result["losses"]) == 2 and result["effective_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
         assert 0 < result["utilization_pct"] < 100
+        # One repeat of two steps: the second step's time, logged loss to logged loss, within the run's.
+        ((second,),) = result["step_s"]
+        assert 0 < second < result["train_runtime_s"][0], result
     # The same rows in other batches, from the same base (LoRA starts as a no-op): similar loss per token.
     assert ours["mean_loss"] == pytest.approx(baseline["mean_loss"], rel=0.15)
     assert tuned["mean_loss"] == pytest.approx(baseline["mean_loss"], rel=0.15)

@@ -186,6 +186,18 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     profile["matmul_gflops"] = {"float32": 100.0, "bfloat16": 200.0}
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     assert "runs it far slower." in module.render_speed(tmp_path)
+    # torch.compile once compiled: steps after the first from the logged step times, the first from the rest
+    compile_file = tmp_path / module.SPEED_RUNS["levers"][-1]
+    compile_run = json.loads(compile_file.read_text())
+    by_name = {r["variant"]: r for r in compile_run["results"]}
+    steps = len(by_name["ours"]["losses"])
+    by_name["ours"].update(step_s=[[2.0] * (steps - 1)], train_runtime_s=[2.0 * (steps - 1) + 6])
+    by_name["ours-compile"].update(step_s=[[1.0] * (steps - 1)], train_runtime_s=[1.0 * (steps - 1) + 10])
+    compile_file.write_text(json.dumps(compile_run))
+    assert (
+        f"steps 2 to {steps}, each timed from one logged loss to the next): 1.0 s a step against ours' 2.0 s, 2.00x "
+        "ours' speed; its first step, where it compiles, takes 4 s longer than ours'."
+    ) in module.render_speed(tmp_path)
 
 
 def test_each_real_recipe_trains_what_its_committed_sweep_chose():

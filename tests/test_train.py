@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -52,9 +53,12 @@ def losses(run_dir) -> list[float]:
 
 
 def test_lora_training_lowers_the_loss_and_writes_every_output(tmp_path, tiny_llama_dir):
+    started = time.time()
     out = train.run(tiny_recipe(tmp_path, tiny_llama_dir))
     curve = losses(out)
     assert len(curve) == 24
+    stamps = [r["time"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert started < stamps[0] and stamps == sorted(stamps) and stamps[-1] <= time.time(), stamps
     assert sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
     for name in (
         "recipe.yaml",
