@@ -112,25 +112,15 @@ def step_seconds(stamps: list[float]) -> list[float]:
 
 
 def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, variant: str, rank: int) -> dict:
-    from transformers import TrainerCallback
-
     from finetune import model as model_lib
-    from finetune.train import padding_fraction
-
-    class LossClock(TrainerCallback):
-        """The time each training loss is logged, as the toolkit's metrics.jsonl records it."""
-
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.stamps.append(time.time())
+    from finetune import runs
+    from finetune.train import MetricsLog, padding_fraction
 
     model_dir = embedded_dir()
     template = work / "chatml.jinja"
     template.write_text(model_lib.training_chat_template(None, "chatml"))
-    clock = LossClock()
+    # The toolkit's own log, so TRL's steps are timed exactly as the toolkit's are.
+    folder = runs.RunFolder(work)
     trainer = baseline_trl.train(
         model_dir,
         str(rows_file),
@@ -143,7 +133,7 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, varia
         2 * rank,
         LORA["dropout"],
         max_length=MAX_LENGTH,
-        callbacks=[clock],
+        callbacks=[MetricsLog(folder)],
         **BASELINES[variant],
     )
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -151,7 +141,7 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, varia
     return {
         "train_runtime_s": runtime,
         "losses": losses,
-        "step_s": step_seconds(clock.stamps),
+        "step_s": step_seconds([r["time"] for r in runs.read_metrics(folder.metrics) if "loss" in r]),
         "padding_fraction": padding_fraction(trainer),
     }
 
