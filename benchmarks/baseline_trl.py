@@ -11,6 +11,8 @@ AVX512-BF16 or AMX and far slower on those without. `--bf16` turns it back on; o
 of 2 with gradient accumulation to the same rows per optimizer step, and length-grouped sampling (transformers 5:
 `train_sampling_strategy="group_by_length"`), so little compute goes to padding.
 
+Under torchrun (DDP) each process takes its share of a step's micro-batches: the same rows per optimizer step.
+
     python benchmarks/baseline_trl.py MODEL_DIR ROWS.jsonl CHAT_TEMPLATE OUT_DIR [--steps 4 --batch-size 8] [--tuned]
         [--bf16] [--attn-implementation eager]
 """
@@ -18,6 +20,7 @@ of 2 with gradient accumulation to the same rows per optimizer step, and length-
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from datasets import load_dataset
@@ -53,7 +56,7 @@ def train(
         max_steps=steps,
         max_length=max_length,  # TRL's default is 1024; longer rows are truncated, so callers pass their longest
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=max(1, batch_size // micro),
+        gradient_accumulation_steps=max(1, batch_size // (micro * int(os.environ.get("WORLD_SIZE", "1")))),
         learning_rate=learning_rate,
         seed=seed,
         assistant_only_loss=True,

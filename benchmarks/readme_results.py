@@ -55,7 +55,8 @@ SPEED_END = "<!-- speed:end -->"
 # The runs the README reports; a new run is reported by naming its file here and regenerating.
 SPEED_RUNS = {
     "comparison": "sft-2026-12-06T234101.json",  # TRL defaults, TRL tuned, ours
-    "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T064115.json"),  # the second: compile over 16 steps
+    # The second: compile over 16 steps; the third: two processes, the toolkit's and the tuned TRL's.
+    "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T064115.json", "sft-2026-12-07T092035.json"),
     "breakdown": "sft-2026-12-07T034852.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
@@ -66,6 +67,7 @@ LEVERS = {
     "ours-compile": "`train.compile=true` (torch.compile; the time includes compiling)",
     "ours-jemalloc": "jemalloc as the allocator (`LD_PRELOAD`)",
     "ours-micro1": "micro-batches of 1 (`train.batch_size=1`, no padding)",
+    "ours-ddp2": "two processes of one thread, DDP over gloo (`--distributed ddp`; RSS of both)",
     "ours-checkpointing": "`train.gradient_checkpointing=true`",
     "ours-nf4": "`model.quantization=nf4`",
     "ours-int8": "`model.quantization=int8`",
@@ -217,7 +219,12 @@ def _speed_levers(runs: list[dict]) -> list[str]:
                         f"{memory:.2f}x | {r['mean_loss']:.3f} ({ours['mean_loss']:.3f}) |"
                     )
     timed = [run for run in runs if "step_s" in _by_variant(run).get("ours-compile", {})]
-    return lines + (_compile_steady_state(timed[-1]) if timed else [])
+    processes = [run for run in runs if "baseline-tuned-ddp2" in _by_variant(run)]
+    return (
+        lines
+        + (_compile_steady_state(timed[-1]) if timed else [])
+        + (_two_processes(processes[-1]) if processes else [])
+    )
 
 
 def _compile_steady_state(run: dict) -> list[str]:
@@ -235,6 +242,29 @@ def _compile_steady_state(run: dict) -> list[str]:
         f"{steady['ours']:.1f} s, "
         f"{steady['ours'] / steady['ours-compile']:.2f}x ours' speed; its first step, where it compiles, takes "
         f"{first['ours-compile'] - first['ours']:.0f} s longer than ours'.",
+    ]
+
+
+def _two_processes(run: dict) -> list[str]:
+    """Two processes of one thread against one of two threads, for the toolkit and for the tuned TRL."""
+    by_name = _by_variant(run)
+
+    def per_step(variant: str) -> float:
+        seconds = [step for repeat in by_name[variant]["step_s"] for step in repeat]
+        return sum(seconds) / len(seconds)
+
+    parts = []
+    for name, one in (("the toolkit", "ours"), ("the tuned TRL", "baseline-tuned")):
+        two = f"{one}-ddp2"
+        speed = by_name[two]["effective_tokens_per_s"] / by_name[one]["effective_tokens_per_s"]
+        parts.append(
+            f"{name} at {speed:.2f}x its speed in one process (steps after the first {per_step(two):.1f} s against "
+            f"{per_step(one):.1f} s), at {by_name[two]['peak_rss_mb'] / by_name[one]['peak_rss_mb']:.2f}x the memory"
+        )
+    return [
+        "",
+        f"Two processes of one thread each on the 2 cores instead of one process of two threads ({run['date'][:10]}, "
+        f"torchrun, DDP over gloo, {by_name['ours']['repeats']} repeats): {parts[0]}; {parts[1]}.",
     ]
 
 

@@ -13,6 +13,8 @@ Variants:
                      micro-batches of 2 with gradient accumulation, length-grouped sampling
     baseline-tuned-bf16  the tuned baseline with TRL's bf16 autocast (--tuned --bf16)
     baseline-tuned-eager-bf16  the same with eager attention (--attn-implementation eager)
+    baseline-tuned-ddp2  the tuned baseline in two processes of one thread each (torchrun, DDP over gloo), as
+                     ours-ddp2 below
     ours             `finetune.train.run` with the recipe defaults and the same rows per optimizer step, fed
                      as micro-batches of 2 with gradient accumulation (the gradients equal one batch of 8's:
                      the loss is normalised by the tokens of the whole step, tests/test_sft_trainer.py)
@@ -25,6 +27,9 @@ Variants:
     ours-compile     lever: ours with train.compile=true (torch.compile, inductor's C++ kernels on CPU)
     ours-jemalloc    lever: ours with jemalloc as the memory allocator (LD_PRELOAD, Debian's libjemalloc2)
     ours-micro1      lever: micro-batches of 1 (no padding, no attention mask) with the same rows per step
+    ours-ddp2        lever: two processes of one thread each instead of one of two threads (torchrun, DDP over gloo:
+                     `finetune run --distributed ddp` on a CPU), splitting each step's micro-batches; its peak RSS is
+                     the sum of both processes', its padding that of the main process's rows
     ours-torch-dropout  the lever off: ours with adapter.dropout_masks=torch (PEFT's nn.Dropout, one serial random
                      draw per element) instead of the default packed masks; ours-torch-dropout-bf16 the same in bf16
     trl-no-checkpointing, ours-batch8, ours-batch8-torch-dropout  the README's one-change-at-a-time breakdown:
@@ -73,6 +78,8 @@ MICRO_BATCH = 2
 MAX_LENGTH = 2048
 # The bf16 lever (ours-bf16, step_profile.py --bf16): autocast over float32 adapter weights on a CPU.
 BF16 = ["model.compute_dtype=bfloat16"]
+# The data-parallel lever: torchrun gives each of its processes one thread (OMP_NUM_THREADS=1).
+DDP = {"ours-ddp2": 2, "baseline-tuned-ddp2": 2}
 
 
 # ---------------------------------------------------------------- workers (each in its own process)
@@ -102,6 +109,7 @@ BASELINES = {
     "baseline-tuned": baseline_trl.TUNED,
     "baseline-tuned-bf16": {**baseline_trl.TUNED, "bf16": True},
     "baseline-tuned-eager-bf16": {**baseline_trl.TUNED, "bf16": True, "attn_implementation": "eager"},
+    "baseline-tuned-ddp2": baseline_trl.TUNED,  # the processes are spawn()'s
     "trl-no-checkpointing": {"checkpointing": False},  # the step breakdown's first row
 }
 
@@ -112,8 +120,8 @@ def step_seconds(stamps: list[float]) -> list[float]:
 
 
 def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, variant: str, rank: int) -> dict:
+    from finetune import distributed, runs
     from finetune import model as model_lib
-    from finetune import runs
     from finetune.train import MetricsLog, padding_fraction
 
     model_dir = embedded_dir()
@@ -136,6 +144,8 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, varia
         callbacks=[MetricsLog(folder)],
         **BASELINES[variant],
     )
+    if not distributed.is_main():
+        return {}
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     runtime = next(r["train_runtime"] for r in trainer.state.log_history if "train_runtime" in r)
     return {
@@ -147,9 +157,11 @@ def run_baseline(rows_file: Path, steps: int, batch_size: int, work: Path, varia
 
 
 def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides: list[str], rank: int) -> dict:
+    from finetune import distributed, runs, train
     from finetune import recipe as recipe_lib
-    from finetune import runs, train
 
+    # Under torchrun each process takes its share of a step's micro-batches: the same rows per step in all variants.
+    micro_batches = max(1, batch_size // (MICRO_BATCH * distributed.world_size()))
     recipe = recipe_lib.load(
         "medical",
         [
@@ -163,7 +175,7 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
             "adapter.target_modules=all-linear",
             f"train.max_steps={steps}",
             f"train.batch_size={min(MICRO_BATCH, batch_size)}",
-            f"train.gradient_accumulation={max(1, batch_size // MICRO_BATCH)}",
+            f"train.gradient_accumulation={micro_batches}",
             f"train.learning_rate={LEARNING_RATE}",
             "train.lr_scheduler=linear",
             "train.warmup_ratio=0",
@@ -176,6 +188,8 @@ def run_ours(rows_file: Path, steps: int, batch_size: int, work: Path, overrides
         ],
     )
     out = train.run(recipe)
+    if not distributed.is_main():  # only the main process writes the run folder
+        return {}
     summary = json.loads((out / "run.json").read_text())
     logged = [r for r in runs.read_metrics(out / "metrics.jsonl") if "loss" in r]
     return {
@@ -201,27 +215,26 @@ def ours_overrides(variant: str, batch_size: int) -> list[str]:
         "ours-batch8-torch-dropout": [*one_pass, "adapter.dropout_masks=torch"],
         "ours-compile": ["train.compile=true"],
         "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
+        "ours-ddp2": [],  # the processes are spawn()'s
         "ours-dropout0": ["adapter.dropout=0"],
         "ours-nf4": ["model.quantization=nf4"],
         "ours-int8": ["model.quantization=int8"],
     }[variant]
 
 
-def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int) -> None:
-    """Train one variant and print its measurements as one JSON line."""
+def worker(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int, work: Path) -> None:
+    """Train one variant in the folder `work` and print its measurements (under torchrun, each process its peak RSS)
+    as one JSON line."""
     import logging
 
     from finetune.cli import _quiet_libraries
 
     _quiet_libraries()
     logging.disable(logging.WARNING)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if variant in BASELINES:
-            result = run_baseline(rows_file, steps, batch_size, work, variant, rank)
-        else:
-            overrides = ours_overrides(variant, batch_size)
-            result = run_ours(rows_file, steps, batch_size, work, overrides, rank)
+    if variant in BASELINES:
+        result = run_baseline(rows_file, steps, batch_size, work, variant, rank)
+    else:
+        result = run_ours(rows_file, steps, batch_size, work, ours_overrides(variant, batch_size), rank)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -294,29 +307,39 @@ def spawn(variant: str, rows_file: Path, steps: int, batch_size: int, rank: int 
         if not JEMALLOC.is_file():
             raise SystemExit(f"ours-jemalloc needs {JEMALLOC}: apt-get install libjemalloc2")
         env["LD_PRELOAD"] = str(JEMALLOC)
-    done = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--worker",
-            variant,
-            "--rows",
-            str(rows_file),
-            "--steps",
-            str(steps),
-            "--batch-size",
-            str(batch_size),
-            "--rank",
-            str(rank),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(DDP[variant])] if variant in DDP else []
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    with tempfile.TemporaryDirectory() as work:
+        done = subprocess.run(
+            [
+                sys.executable,
+                *launcher,
+                __file__,
+                "--worker",
+                variant,
+                "--rows",
+                str(rows_file),
+                "--steps",
+                str(steps),
+                "--batch-size",
+                str(batch_size),
+                "--rank",
+                str(rank),
+                "--work",
+                work,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    processes = [
+        json.loads(line.removeprefix("RESULT ")) for line in done.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    if done.returncode != 0 or len(processes) != DDP.get(variant, 1):
         raise SystemExit(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    (result,) = (p for p in processes if "losses" in p)
+    return {**result, "peak_rss_mb": round(sum(p["peak_rss_mb"] for p in processes), 1)}
 
 
 def machine() -> dict:
@@ -412,9 +435,10 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=LORA["r"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
-        worker(a.worker, a.rows, a.steps, a.batch_size, a.rank)
+        worker(a.worker, a.rows, a.steps, a.batch_size, a.rank, a.work)
         return
     if a.smoke:
         a.examples, a.batch_size, a.repeats, a.memory_steps = 4, 2, 1, 0

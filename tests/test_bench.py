@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,6 +48,30 @@ def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_pa
     markdown = (tmp_path / report_file.name.replace(".json", ".md")).read_text()
     assert "| baseline |" in markdown and "| baseline-tuned |" in markdown and "| vs tuned |" in markdown
     assert not list(tmp_path.glob("*.jsonl")), "the data rows must not be left in the output folder"
+
+
+def _sft_speed():
+    spec = importlib.util.spec_from_file_location("sft_speed", PROJECT / "benchmarks" / "sft_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("one_process", ["ours", "baseline-tuned"])
+def test_the_two_process_lever_trains_the_same_rows_per_step_as_one_process(tmp_path, one_process):
+    sft_speed = _sft_speed()
+    rows = tmp_path / "rows.jsonl"
+    sft_speed.write_rows(sft_speed.SAMPLE_PUBMEDQA, 8, rows)
+    one = sft_speed.spawn(one_process, rows, steps=2, batch_size=4)
+    two = sft_speed.spawn(f"{one_process}-ddp2", rows, steps=2, batch_size=4)
+    # Each process takes one of a step's two micro-batches of 2, so step 2 starts from the same update; LoRA
+    # dropout's masks differ (each process draws its own), which moves the loss by far less than the tolerance.
+    assert len(two["losses"]) == 2
+    assert two["losses"] == pytest.approx(one["losses"], abs=2e-3)
+    assert two["padding_fraction"] > 0 and len(two["step_s"]) == 1
+    # Two processes, each with its own copy of the model: their peaks add up to more than one process's.
+    assert two["peak_rss_mb"] > 1.3 * one["peak_rss_mb"]
 
 
 @pytest.mark.slow
