@@ -55,8 +55,12 @@ SPEED_END = "<!-- speed:end -->"
 # The runs the README reports; a new run is reported by naming its file here and regenerating.
 SPEED_RUNS = {
     "comparison": "sft-2026-12-06T234101.json",  # TRL defaults, TRL tuned, ours
-    # The second: compile over 16 steps; the third: two processes, the toolkit's and the tuned TRL's.
-    "levers": ("sft-2026-12-07T022523.json", "sft-2026-12-07T064115.json", "sft-2026-12-07T092035.json"),
+    "levers": (
+        "sft-2026-12-07T022523.json",
+        "sft-2026-12-07T064115.json",  # compile over 16 steps
+        "sft-2026-12-07T092035.json",  # two processes, the toolkit's and the tuned TRL's
+        "sft-2026-12-07T103941.json",  # packing
+    ),
     "breakdown": "sft-2026-12-07T034852.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
     "profile": "profile-2026-12-06T232622.json",
@@ -72,6 +76,7 @@ LEVERS = {
     "ours-nf4": "`model.quantization=nf4`",
     "ours-int8": "`model.quantization=int8`",
     "ours-dropout0": "`adapter.dropout=0`: not the same training (no LoRA dropout)",
+    "ours-packing": "`train.packing=true` (packs of 768 tokens): not the same steps (8 packs each, one epoch)",
 }
 
 

@@ -35,6 +35,8 @@ Variants:
     trl-no-checkpointing, ours-batch8, ours-batch8-torch-dropout  the README's one-change-at-a-time breakdown:
                      TRL and the toolkit with the step's rows in one pass (the latter with PEFT's dropout masks)
     ours-dropout0    not the same training: LoRA without dropout, what LoRA dropout's masks cost on CPU
+    ours-packing     not the same steps: train.packing=true, the rows packed padding-free into sequences of the medical
+                     recipe's data.max_length, one epoch of as many steps as their packs make (8 packs a step)
     ours-nf4/-int8   the memory section: the same run with a quantized base (fewer steps)
 
 Measured per run: effective tokens/s (tokens that count in the loss, per second of training), real
@@ -78,6 +80,8 @@ MICRO_BATCH = 2
 MAX_LENGTH = 2048
 # The bf16 lever (ours-bf16, step_profile.py --bf16): autocast over float32 adapter weights on a CPU.
 BF16 = ["model.compute_dtype=bfloat16"]
+# The packing lever packs into the medical recipe's data.max_length (the rows fit in it, the longest 631 tokens).
+PACK_LENGTH = 768
 # The data-parallel lever: torchrun gives each of its processes one thread (OMP_NUM_THREADS=1).
 DDP = {"ours-ddp2": 2, "baseline-tuned-ddp2": 2}
 
@@ -217,6 +221,13 @@ def ours_overrides(variant: str, batch_size: int) -> list[str]:
         "ours-micro1": ["train.batch_size=1", f"train.gradient_accumulation={batch_size}"],
         "ours-ddp2": [],  # the processes are spawn()'s
         "ours-dropout0": ["adapter.dropout=0"],
+        # One epoch: the same rows as every variant, each trained once, in fewer steps of 8 packs.
+        "ours-packing": [
+            "train.packing=true",
+            f"data.max_length={PACK_LENGTH}",
+            "train.max_steps=null",
+            "train.epochs=1",
+        ],
         "ours-nf4": ["model.quantization=nf4"],
         "ours-int8": ["model.quantization=int8"],
     }[variant]
