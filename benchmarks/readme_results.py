@@ -60,6 +60,7 @@ SPEED_RUNS = {
         "sft-2026-12-07T064115.json",  # compile over 16 steps
         "sft-2026-12-07T092035.json",  # two processes, the toolkit's and the tuned TRL's
         "sft-2026-12-07T103941.json",  # packing
+        "sft-2026-12-07T121958.json",  # eager attention in float32, the toolkit's and the tuned TRL's
     ),
     "breakdown": "sft-2026-12-07T034852.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
@@ -71,6 +72,7 @@ LEVERS = {
     "ours-compile": "`train.compile=true` (torch.compile; the time includes compiling)",
     "ours-jemalloc": "jemalloc as the allocator (`LD_PRELOAD`)",
     "ours-micro1": "micro-batches of 1 (`train.batch_size=1`, no padding)",
+    "ours-eager": "`model.attn_implementation=eager` in float32 (attention as plain matmuls)",
     "ours-ddp2": "two processes of one thread, DDP over gloo (`--distributed ddp`; RSS of both)",
     "ours-checkpointing": "`train.gradient_checkpointing=true`",
     "ours-nf4": "`model.quantization=nf4`",
@@ -224,11 +226,10 @@ def _speed_levers(runs: list[dict]) -> list[str]:
                         f"{memory:.2f}x | {r['mean_loss']:.3f} ({ours['mean_loss']:.3f}) |"
                     )
     timed = [run for run in runs if "step_s" in _by_variant(run).get("ours-compile", {})]
-    processes = [run for run in runs if "baseline-tuned-ddp2" in _by_variant(run)]
     return (
         lines
         + (_compile_steady_state(timed[-1]) if timed else [])
-        + (_two_processes(processes[-1]) if processes else [])
+        + [line for lever in BOTH_TRAINERS for line in _both_trainers(runs, lever)]
     )
 
 
@@ -250,8 +251,26 @@ def _compile_steady_state(run: dict) -> list[str]:
     ]
 
 
-def _two_processes(run: dict) -> list[str]:
-    """Two processes of one thread against one of two threads, for the toolkit and for the tuned TRL."""
+# Levers measured for the tuned TRL too (variant suffix: what the lever is, what the trainer runs without it).
+BOTH_TRAINERS = {
+    "-ddp2": (
+        "Two processes of one thread each on the 2 cores instead of one process of two threads (torchrun, DDP over "
+        "gloo",
+        "in one process",
+    ),
+    "-eager": (
+        "Eager attention in float32 (`model.attn_implementation=eager`; TRL's `attn_implementation`",
+        "with sdpa",
+    ),
+}
+
+
+def _both_trainers(runs: list[dict], lever: str) -> list[str]:
+    """A lever for the toolkit and for the tuned TRL, each against itself without it: speed, step times, memory."""
+    measured = [run for run in runs if f"baseline-tuned{lever}" in _by_variant(run)]
+    if not measured:
+        return []
+    run, (what, without) = measured[-1], BOTH_TRAINERS[lever]
     by_name = _by_variant(run)
 
     def per_step(variant: str) -> float:
@@ -260,17 +279,13 @@ def _two_processes(run: dict) -> list[str]:
 
     parts = []
     for name, one in (("the toolkit", "ours"), ("the tuned TRL", "baseline-tuned")):
-        two = f"{one}-ddp2"
+        two = f"{one}{lever}"
         speed = by_name[two]["effective_tokens_per_s"] / by_name[one]["effective_tokens_per_s"]
         parts.append(
-            f"{name} at {speed:.2f}x its speed in one process (steps after the first {per_step(two):.1f} s against "
+            f"{name} at {speed:.2f}x its speed {without} (steps after the first {per_step(two):.1f} s against "
             f"{per_step(one):.1f} s), at {by_name[two]['peak_rss_mb'] / by_name[one]['peak_rss_mb']:.2f}x the memory"
         )
-    return [
-        "",
-        f"Two processes of one thread each on the 2 cores instead of one process of two threads ({run['date'][:10]}, "
-        f"torchrun, DDP over gloo, {by_name['ours']['repeats']} repeats): {parts[0]}; {parts[1]}.",
-    ]
+    return ["", f"{what}, {run['date'][:10]}, {by_name['ours']['repeats']} repeats): {parts[0]}; {parts[1]}."]
 
 
 STEPS = {

@@ -12,7 +12,8 @@ Variants:
     baseline-tuned   the same, set up as a knowledgeable user would for a CPU (--tuned): no checkpointing,
                      micro-batches of 2 with gradient accumulation, length-grouped sampling
     baseline-tuned-bf16  the tuned baseline with TRL's bf16 autocast (--tuned --bf16)
-    baseline-tuned-eager-bf16  the same with eager attention (--attn-implementation eager)
+    baseline-tuned-eager  the tuned baseline with eager attention (--attn-implementation eager)
+    baseline-tuned-eager-bf16  the same in bf16
     baseline-tuned-ddp2  the tuned baseline in two processes of one thread each (torchrun, DDP over gloo), as
                      ours-ddp2 below
     ours             `finetune.train.run` with the recipe defaults and the same rows per optimizer step, fed
@@ -22,6 +23,8 @@ Variants:
     ours-bf16        lever: ours with model.compute_dtype=bfloat16 (autocast over float32 adapter weights); fast only
                      on CPUs with AVX512-BF16 or AMX, and a TRL user can turn it on too, so its "vs tuned" is to
                      baseline-tuned-bf16 when that runs
+    ours-eager       lever: ours with model.attn_implementation=eager (attention as plain matmuls instead of sdpa's
+                     CPU flash kernel), in float32
     ours-eager-bf16  lever: ours-bf16 with model.attn_implementation=eager (matmul attention instead of sdpa's CPU
                      flash kernel); scaling.py --pair ours-bf16,ours-eager-bf16 measures it against row length
     ours-compile     lever: ours with train.compile=true (torch.compile, inductor's C++ kernels on CPU)
@@ -112,6 +115,7 @@ BASELINES = {
     "baseline": {},
     "baseline-tuned": baseline_trl.TUNED,
     "baseline-tuned-bf16": {**baseline_trl.TUNED, "bf16": True},
+    "baseline-tuned-eager": {**baseline_trl.TUNED, "attn_implementation": "eager"},
     "baseline-tuned-eager-bf16": {**baseline_trl.TUNED, "bf16": True, "attn_implementation": "eager"},
     "baseline-tuned-ddp2": baseline_trl.TUNED,  # the processes are spawn()'s
     "trl-no-checkpointing": {"checkpointing": False},  # the step breakdown's first row
@@ -214,6 +218,7 @@ def ours_overrides(variant: str, batch_size: int) -> list[str]:
         "ours-torch-dropout": ["adapter.dropout_masks=torch"],
         "ours-bf16": BF16,
         "ours-torch-dropout-bf16": [*BF16, "adapter.dropout_masks=torch"],
+        "ours-eager": ["model.attn_implementation=eager"],
         "ours-eager-bf16": [*BF16, "model.attn_implementation=eager"],
         "ours-batch8": one_pass,
         "ours-batch8-torch-dropout": [*one_pass, "adapter.dropout_masks=torch"],

@@ -198,20 +198,22 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
         f"steps 2 to {steps}, each timed from one logged loss to the next): 1.0 s a step against ours' 2.0 s, 2.00x "
         "ours' speed; its first step, where it compiles, takes 4 s longer than ours'."
     ) in module.render_speed(tmp_path)
-    # two processes: speed, step times (over every repeat) and memory, each against the same trainer in one process
-    processes_file = tmp_path / module.SPEED_RUNS["levers"][2]
-    processes = json.loads(processes_file.read_text())
-    by_name = {r["variant"]: r for r in processes["results"]}
-    for one, speed in (("ours", 30.0), ("baseline-tuned", 20.0)):
-        by_name[one].update(effective_tokens_per_s=speed, step_s=[[2.0, 4.0], [3.0, 3.0]], peak_rss_mb=1000.0)
-        two = by_name[f"{one}-ddp2"]
-        two.update(effective_tokens_per_s=speed * 1.5, step_s=[[1.0, 2.0], [1.5, 1.5]], peak_rss_mb=2100.0)
-    processes_file.write_text(json.dumps(processes))
-    text = module.render_speed(tmp_path)
-    assert (
-        "the toolkit at 1.50x its speed in one process (steps after the first 1.5 s against 3.0 s), at 2.10x the "
-        "memory; the tuned TRL at 1.50x"
-    ) in text
+    # levers measured for both trainers (two processes, eager attention in float32): speed, step times (over every
+    # repeat) and memory, each against the same trainer without the lever
+    for index, lever, without in ((2, "-ddp2", "in one process"), (4, "-eager", "with sdpa")):
+        lever_file = tmp_path / module.SPEED_RUNS["levers"][index]
+        run = json.loads(lever_file.read_text())
+        by_name = {r["variant"]: r for r in run["results"]}
+        for one, speed in (("ours", 30.0), ("baseline-tuned", 20.0)):
+            by_name[one].update(effective_tokens_per_s=speed, step_s=[[2.0, 4.0], [3.0, 3.0]], peak_rss_mb=1000.0)
+            by_name[f"{one}{lever}"].update(
+                effective_tokens_per_s=speed * 1.5, step_s=[[1.0, 2.0], [1.5, 1.5]], peak_rss_mb=2100.0
+            )
+        lever_file.write_text(json.dumps(run))
+        assert (
+            f"the toolkit at 1.50x its speed {without} (steps after the first 1.5 s against 3.0 s), at 2.10x the "
+            f"memory; the tuned TRL at 1.50x its speed {without}"
+        ) in module.render_speed(tmp_path)
 
 
 def test_each_real_recipe_trains_what_its_committed_sweep_chose():
