@@ -278,12 +278,13 @@ def _both_trainers(runs: list[dict], lever: str) -> list[str]:
         return sum(seconds) / len(seconds)
 
     parts = []
-    for name, one in (("the toolkit", "ours"), ("the tuned TRL", "baseline-tuned")):
-        two = f"{one}{lever}"
-        speed = by_name[two]["effective_tokens_per_s"] / by_name[one]["effective_tokens_per_s"]
+    for name, plain in (("the toolkit", "ours"), ("the tuned TRL", "baseline-tuned")):
+        levered = f"{plain}{lever}"
+        speed = by_name[levered]["effective_tokens_per_s"] / by_name[plain]["effective_tokens_per_s"]
+        memory = by_name[levered]["peak_rss_mb"] / by_name[plain]["peak_rss_mb"]
         parts.append(
-            f"{name} at {speed:.2f}x its speed {without} (steps after the first {per_step(two):.1f} s against "
-            f"{per_step(one):.1f} s), at {by_name[two]['peak_rss_mb'] / by_name[one]['peak_rss_mb']:.2f}x the memory"
+            f"{name} at {speed:.2f}x its speed {without} (steps after the first {per_step(levered):.1f} s against "
+            f"{per_step(plain):.1f} s), at {memory:.2f}x the memory"
         )
     return ["", f"{what}, {run['date'][:10]}, {by_name['ours']['repeats']} repeats): {parts[0]}; {parts[1]}."]
 
