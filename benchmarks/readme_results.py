@@ -251,15 +251,17 @@ def _compile_steady_state(run: dict) -> list[str]:
     ]
 
 
-# Levers measured for the tuned TRL too (variant suffix: what the lever is, what the trainer runs without it).
+# Levers measured for the tuned TRL too, by variant suffix: what the lever is, how it was run, and what the trainer
+# runs without it.
 BOTH_TRAINERS = {
     "-ddp2": (
-        "Two processes of one thread each on the 2 cores instead of one process of two threads (torchrun, DDP over "
-        "gloo",
+        "Two processes of one thread each on the 2 cores instead of one process of two threads",
+        "torchrun, DDP over gloo",
         "in one process",
     ),
     "-eager": (
-        "Eager attention in float32 (`model.attn_implementation=eager`; TRL's `attn_implementation`",
+        "Eager attention in float32",
+        "`model.attn_implementation=eager`; TRL's `attn_implementation`",
         "with sdpa",
     ),
 }
@@ -267,26 +269,24 @@ BOTH_TRAINERS = {
 
 def _both_trainers(runs: list[dict], lever: str) -> list[str]:
     """A lever for the toolkit and for the tuned TRL, each against itself without it: speed, step times, memory."""
+    import sft_speed  # imported here because it pulls in torch and TRL
+
     measured = [run for run in runs if f"baseline-tuned{lever}" in _by_variant(run)]
     if not measured:
         return []
-    run, (what, without) = measured[-1], BOTH_TRAINERS[lever]
+    run, (what, how, without) = measured[-1], BOTH_TRAINERS[lever]
     by_name = _by_variant(run)
-
-    def per_step(variant: str) -> float:
-        seconds = [step for repeat in by_name[variant]["step_s"] for step in repeat]
-        return sum(seconds) / len(seconds)
-
     parts = []
     for name, plain in (("the toolkit", "ours"), ("the tuned TRL", "baseline-tuned")):
         levered = f"{plain}{lever}"
         speed = by_name[levered]["effective_tokens_per_s"] / by_name[plain]["effective_tokens_per_s"]
         memory = by_name[levered]["peak_rss_mb"] / by_name[plain]["peak_rss_mb"]
         parts.append(
-            f"{name} at {speed:.2f}x its speed {without} (steps after the first {per_step(levered):.1f} s against "
-            f"{per_step(plain):.1f} s), at {memory:.2f}x the memory"
+            f"{name} at {speed:.2f}x its speed {without} (steps after the first "
+            f"{sft_speed.mean_step_s(by_name[levered]):.1f} s against {sft_speed.mean_step_s(by_name[plain]):.1f} s), "
+            f"at {memory:.2f}x the memory"
         )
-    return ["", f"{what}, {run['date'][:10]}, {by_name['ours']['repeats']} repeats): {parts[0]}; {parts[1]}."]
+    return ["", f"{what} ({how}, {run['date'][:10]}, {by_name['ours']['repeats']} repeats): {parts[0]}; {parts[1]}."]
 
 
 STEPS = {

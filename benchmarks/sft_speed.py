@@ -405,6 +405,12 @@ def summarize(variant: str, runs: list[dict], trained: int, real: int, flops: fl
     }
 
 
+def mean_step_s(result: dict) -> float | None:
+    """Mean seconds of a variant's steps after the first, over every repeat; None when no step was timed."""
+    seconds = [step for repeat in result["step_s"] for step in repeat]
+    return statistics.mean(seconds) if seconds else None
+
+
 def table(results: list[dict], baseline: dict, tuned: dict | None = None, tuned_bf16: dict | None = None) -> str:
     tuned = tuned or baseline
     lines = [
@@ -416,12 +422,12 @@ def table(results: list[dict], baseline: dict, tuned: dict | None = None, tuned_
         ratio = r["effective_tokens_per_s"] / baseline["effective_tokens_per_s"]
         same_dtype = tuned_bf16 if tuned_bf16 and matmul_dtype(r["variant"]) == "bfloat16" else tuned
         versus_tuned = r["effective_tokens_per_s"] / same_dtype["effective_tokens_per_s"]
-        seconds = [step for repeat in r["step_s"] for step in repeat]
+        per_step = mean_step_s(r)
         lines.append(
             f"| {r['variant']} | {r['effective_tokens_per_s']} | {r['real_tokens_per_s']} | {ratio:.2f}x | "
             f"{versus_tuned:.2f}x | "
             f"{r['padding_fraction']:.1%} | {r['peak_rss_mb']:.0f} | {r['mean_loss']} | {r['final_loss']} | "
-            f"{r['utilization_pct']}% | {f'{statistics.mean(seconds):.2f}' if seconds else '-'} |"
+            f"{r['utilization_pct']}% | {'-' if per_step is None else f'{per_step:.2f}'} |"
         )
     return "\n".join(lines)
 
