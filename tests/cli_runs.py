@@ -1,7 +1,9 @@
-"""`finetune run` as a subprocess on the tiny Llama: a recipe with varied row lengths, the command, logged losses."""
+"""`finetune run` as a subprocess on the tiny Llama: a recipe with varied row lengths, the command, logged losses;
+and a benchmark script loaded as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +11,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 ROWS = [
     [{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w.upper())}]
@@ -65,3 +69,11 @@ def logged_losses(out: Path) -> list[tuple[int, float]]:
     return [
         (r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
     ]
+
+
+def benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, PROJECT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import env
+from cli_runs import benchmark, env
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -50,17 +49,10 @@ def test_the_benchmark_smoke_run_reports_both_variants_on_the_same_tokens(tmp_pa
     assert not list(tmp_path.glob("*.jsonl")), "the data rows must not be left in the output folder"
 
 
-def _sft_speed():
-    spec = importlib.util.spec_from_file_location("sft_speed", PROJECT / "benchmarks" / "sft_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("one_process", ["ours", "baseline-tuned"])
 def test_the_two_process_lever_trains_the_same_rows_per_step_as_one_process(tmp_path, one_process):
-    sft_speed = _sft_speed()
+    sft_speed = benchmark("sft_speed")
     rows = tmp_path / "rows.jsonl"
     sft_speed.write_rows(sft_speed.SAMPLE_PUBMEDQA, 8, rows)
     one = sft_speed.spawn(one_process, rows, steps=2, batch_size=4)

@@ -1,21 +1,15 @@
 """The README's real-data tables are generated from the committed result files and must match them."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from cli_runs import benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _readme_results():
-    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "benchmarks" / "readme_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_tables_match_the_committed_result_files():
-    module = _readme_results()
+    module = benchmark("readme_results")
     readme = (ROOT / "README.md").read_text()
     assert module.BEGIN in readme and module.END in readme
     assert module.updated(readme) == readme, "README is stale: run .venv/bin/python benchmarks/readme_results.py"
@@ -42,7 +36,7 @@ def _write_domain(folder: Path, adapter: float) -> None:
 
 
 def test_tables_are_rendered_from_the_files(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     _write_domain(tmp_path / "medical", adapter=0.612)
     text = module.render(tmp_path)
     assert (
@@ -74,7 +68,7 @@ def test_tables_are_rendered_from_the_files(tmp_path):
 
 
 def test_the_sample_section_is_rendered_from_the_sample_runs_files(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     task = {"n": 10, "metric": "accuracy", "base": 0.6, "adapter": 0.7, "delta": 0.1, "ci95": [0.0, 0.3]}
     gguf = {"outtype": "f16", "verifier": "llama.cpp (x)", "max_abs_logit_diff": 0.0642, "threshold": 0.3}
     files = {
@@ -93,7 +87,7 @@ def test_the_sample_section_is_rendered_from_the_sample_runs_files(tmp_path):
 
 
 def test_the_gguf_table_lists_every_exported_type_with_the_figures_of_its_check(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     f16 = {"outtype": "f16", "bytes": 270885632, "verifier": "llama.cpp (x)", "threshold": 0.3}
     f16.update(max_abs_logit_diff=0.0642, top1_agreement=1.0)
     q4 = {"outtype": "q4_k_m", "bytes": 105500000, "heldout_rows": 8}
@@ -107,7 +101,7 @@ def test_the_gguf_table_lists_every_exported_type_with_the_figures_of_its_check(
 
 
 def test_the_console_example_is_what_the_sample_run_printed(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     steps = [f"{{'loss': '{loss}', 'epoch': '{epoch}'}}" for epoch, loss in enumerate((2.6, 3.3, 2.1, 1.9))]
     printed = ["$ finetune run medical", *steps, "trained: runs/x  steps=4"]
     (tmp_path / "console.txt").write_text("\n".join(printed) + "\n")
@@ -123,7 +117,7 @@ def test_the_console_example_is_what_the_sample_run_printed(tmp_path):
 
 
 def test_the_continued_pretraining_figures_are_rendered_from_its_runs_files(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     task = {"n": 10, "metric": "perplexity", "base": 14.57, "adapter": 11.8, "delta": -2.77, "ci95": [-3.43, -2.23]}
     (tmp_path / "run.json").write_text(json.dumps({"steps": 12, "epochs": 3.0, "data": {"train_rows": 23}}))
     (tmp_path / "eval.json").write_text(json.dumps({"tasks": {"abstracts": task}}))
@@ -133,7 +127,7 @@ def test_the_continued_pretraining_figures_are_rendered_from_its_runs_files(tmp_
 
 
 def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_one_line(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     _write_domain(tmp_path / "medical", adapter=0.612)
     sweep_file = tmp_path / "medical" / "sweep.json"
     sweep = json.loads(sweep_file.read_text())
@@ -146,7 +140,7 @@ def test_a_variant_of_yaml_overrides_is_named_in_the_table_and_spelled_out_on_on
 
 
 def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_goal_is_met(tmp_path):
-    module = _readme_results()
+    module = benchmark("readme_results")
     names = [module.SPEED_RUNS["comparison"], *module.SPEED_RUNS["levers"]]
     names += [module.SPEED_RUNS[key] for key in ("breakdown", "bf16", "profile", "scaling", "attention")]
     for name in names:
