@@ -12,8 +12,10 @@ torch.profiler, and groups the aten ops' self time:
     other       elementwise ops, norms, the optimizer, copies
 
 The matmul share bounds every lever that leaves the matmuls as they are (compile, fusion, allocators): with all
-other ops free the training would run 1 / share times faster. It also measures the one lever that would make the
-matmuls themselves cheaper, bf16 compute: dense bf16 against fp32 matmul FLOP/s on this machine.
+other ops free the training would run 1 / share times faster. The matmuls are split by their input shapes into the
+dense products and LoRA's rank-r ones (a side of r), each with its FLOP/s, and the largest ops in "other" are named.
+It also measures the one lever that would make the matmuls themselves cheaper, bf16 compute: dense bf16 against fp32
+matmul FLOP/s on this machine.
 
     .venv/bin/python benchmarks/step_profile.py                      # appends its table to RESULTS.md
     .venv/bin/python benchmarks/step_profile.py --bf16               # the same with model.compute_dtype=bfloat16
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -46,26 +49,54 @@ def group_of(op: str) -> str:
     return "other"
 
 
-def profile_training(
-    rows_file: Path, steps: int, batch_size: int, overrides: list[str]
-) -> tuple[dict[str, float], dict]:
-    """Self CPU seconds per group over one `finetune` training run, and that run's own summary."""
+def matmul_work(input_shapes: list[list[int]], rank: int) -> tuple[str, int]:
+    """Whether a matmul op is one of LoRA's rank-r products or a dense one, and its FLOPs, from its input shapes
+    (mm and bmm take the two matrices; addmm and baddbmm a bias first)."""
+    a, b = [shape for shape in input_shapes if len(shape) >= 2][-2:]
+    flops = 2 * b[-1] * math.prod(a)
+    return ("lora" if rank in (a[-2], a[-1], b[-1]) else "dense"), flops
+
+
+def profile_training(rows_file: Path, steps: int, batch_size: int, overrides: list[str]) -> tuple[dict, dict]:
+    """Self CPU seconds per group over one `finetune` training run, the matmuls' seconds and FLOPs by kind, the
+    largest ops in "other", and that run's own summary."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = sft_speed.run_ours(rows_file, steps, batch_size, Path(tmp), overrides, sft_speed.LORA["r"])
+    rank = sft_speed.LORA["r"]
+    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        result = sft_speed.run_ours(rows_file, steps, batch_size, Path(tmp), overrides, rank)
     seconds = dict.fromkeys([*GROUPS, "other"], 0.0)
+    other = {}
     for event in prof.key_averages():
-        seconds[group_of(event.key)] += event.self_cpu_time_total / 1e6
+        group = group_of(event.key)
+        seconds[group] += event.self_cpu_time_total / 1e6
+        if group == "other":
+            other[event.key] = event.self_cpu_time_total / 1e6
+    matmuls = {kind: {"s": 0.0, "flops": 0} for kind in ("dense", "lora")}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if group_of(event.key) == "matmul":
+            kind, flops = matmul_work(event.input_shapes, rank)
+            matmuls[kind]["s"] += event.self_cpu_time_total / 1e6
+            matmuls[kind]["flops"] += flops * event.count
+    breakdown = {
+        "seconds": seconds,
+        "matmuls": {
+            kind: {"s": round(m["s"], 3), "gflop_per_s": round(m["flops"] / m["s"] / 1e9, 1)}
+            for kind, m in matmuls.items()
+        },
+        "largest_other": {op: round(s, 3) for op, s in sorted(other.items(), key=lambda item: -item[1])[:5]},
+    }
     result["torch_threads"] = torch.get_num_threads()
-    return seconds, result
+    result["lora_rank"] = rank
+    return breakdown, result
 
 
 def render(report: dict) -> str:
     total = sum(report["seconds"].values())
     share = {group: s / total for group, s in report["seconds"].items()}
     d = report["data"]
+    dense, lora = report["matmuls"]["dense"], report["matmuls"]["lora"]
     lines = [
         f"## Where a training step's time goes, {report['date'][:10]}: matmuls {100 * share['matmul']:.0f}%, so no "
         f"lever outside them can exceed {1 / share['matmul']:.2f}x",
@@ -79,6 +110,10 @@ def render(report: dict) -> str:
         "| ops | self CPU s | share |",
         "|---|---:|---:|",
         *(f"| {group} | {s:.1f} | {100 * share[group]:.1f}% |" for group, s in report["seconds"].items()),
+        "",
+        f"Matmuls by kind: dense {dense['s']:.1f} s at {dense['gflop_per_s']} GFLOP/s, "
+        f"LoRA's rank-{report['lora_rank']} products {lora['s']:.1f} s at {lora['gflop_per_s']} GFLOP/s. "
+        "Largest other ops: " + ", ".join(f"{op} {s:.1f} s" for op, s in report["largest_other"].items()) + ".",
         "",
         f"Dense matmul on this machine: fp32 {report['matmul_gflops']['float32']} GFLOP/s, bf16 "
         f"{report['matmul_gflops']['bfloat16']} GFLOP/s (torch CPU capability {report['cpu_capability']}).",
@@ -109,14 +144,17 @@ def main() -> None:
         sft_speed.write_rows(source, a.examples, rows_file)
         n_rows = len(rows_file.read_text().splitlines())
         steps = -(-n_rows // a.batch_size)
-        seconds, run = profile_training(rows_file, steps, a.batch_size, sft_speed.BF16 if a.bf16 else [])
+        breakdown, run = profile_training(rows_file, steps, a.batch_size, sft_speed.BF16 if a.bf16 else [])
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "data": {"rows": n_rows, "steps": steps, "batch_size": a.batch_size},
         "bf16": a.bf16,
         "torch_threads": run["torch_threads"],
         "train_runtime_s": run["train_runtime_s"],
-        "seconds": {group: round(s, 3) for group, s in seconds.items()},
+        "seconds": {group: round(s, 3) for group, s in breakdown["seconds"].items()},
+        "matmuls": breakdown["matmuls"],
+        "lora_rank": run["lora_rank"],
+        "largest_other": breakdown["largest_other"],
         "matmul_gflops": {
             str(dtype).removeprefix("torch."): round(sft_speed.matmul_flops(dtype=dtype) / 1e9, 1)
             for dtype in (torch.float32, torch.bfloat16)

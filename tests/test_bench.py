@@ -99,6 +99,19 @@ def test_the_gpu_benchmark_dry_run_trains_every_variant_on_the_cpu(tmp_path):
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in report["results"]), report["results"]
 
 
+def test_the_step_profile_tells_loras_products_from_dense_ones_by_their_shapes():
+    matmul_work = benchmark("step_profile").matmul_work
+    # LoRA's rank-16 products of 100 tokens: A's and B's forward, B's weight gradient, the input's gradient through A
+    assert matmul_work([[100, 576], [576, 16]], 16) == ("lora", 2 * 100 * 576 * 16)
+    assert matmul_work([[100, 16], [16, 1536]], 16) == ("lora", 2 * 100 * 16 * 1536)
+    assert matmul_work([[1536, 100], [100, 16]], 16) == ("lora", 2 * 1536 * 100 * 16)
+    assert matmul_work([[16, 100], [100, 576]], 16) == ("lora", 2 * 16 * 100 * 576)
+    # the frozen base's products, addmm's bias first, and a batched product
+    assert matmul_work([[100, 576], [576, 1536]], 16) == ("dense", 2 * 100 * 576 * 1536)
+    assert matmul_work([[1536], [100, 576], [576, 1536], [], []], 16) == ("dense", 2 * 100 * 576 * 1536)
+    assert matmul_work([[9, 100, 64], [9, 64, 100]], 16) == ("dense", 2 * 9 * 100 * 64 * 100)
+
+
 @pytest.mark.slow
 def test_the_step_profile_smoke_run_splits_the_training_time_into_op_groups(tmp_path):
     smoke_run("step_profile.py", tmp_path)
@@ -113,4 +126,10 @@ def test_the_step_profile_smoke_run_splits_the_training_time_into_op_groups(tmp_
     markdown = (tmp_path / report_file.name.replace(".json", ".md")).read_text()
     bound = round(total / report["seconds"]["matmul"], 2)
     assert f"no lever outside them can exceed {bound:.2f}x" in markdown
+    # Every matmul is one kind or the other, and both kinds ran: the frozen base's products and the adapters'.
+    dense, lora = report["matmuls"]["dense"], report["matmuls"]["lora"]
+    assert dense["s"] + lora["s"] == pytest.approx(report["seconds"]["matmul"], abs=2e-3)
+    assert dense["gflop_per_s"] > 0 and lora["gflop_per_s"] > 0 and report["lora_rank"] == 16
+    assert 0 < len(report["largest_other"]) <= 5 and sum(report["largest_other"].values()) <= report["seconds"]["other"]
+    assert f"dense {dense['s']:.1f} s at {dense['gflop_per_s']} GFLOP/s" in markdown
     assert not list(tmp_path.glob("*.jsonl")), "the data rows must not be left in the output folder"

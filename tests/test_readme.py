@@ -161,6 +161,16 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     text = module.render_speed(tmp_path)
     assert "matmul 60%, attention 20%, dropout 10%, other 10%" in text and "more than 1.67x faster" in text
+    # the matmuls by kind against the rate measured beside them, and the three largest other ops
+    profile["matmuls"] = {"dense": {"s": 5.0, "gflop_per_s": 150.0}, "lora": {"s": 1.0, "gflop_per_s": 50.0}}
+    profile["matmul_gflops"]["float32"] = 200.0
+    profile["largest_other"] = {"aten::mul": 0.5, "aten::where": 0.3, "aten::add": 0.1, "aten::ge": 0.05}
+    (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
+    assert (
+        "The dense matmuls run at 150.0 GFLOP/s, 0.75x the dense fp32 rate measured beside them, and LoRA's rank-16 "
+        "products (10% of the time) at 50.0; the largest of the other ops are aten::mul (5%), aten::where (3%), "
+        "aten::add (1%)."
+    ) in module.render_speed(tmp_path)
     # bf16: the ratios follow the file, and the warning cites the profile's CPU only where its bf16 was slower
     bf16_file = tmp_path / module.SPEED_RUNS["bf16"]
     bf16 = json.loads(bf16_file.read_text())
