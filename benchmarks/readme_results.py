@@ -172,6 +172,11 @@ def _by_variant(run: dict) -> dict[str, dict]:
     return {r["variant"]: r for r in run["results"]}
 
 
+def _speeds(run: dict) -> dict[str, float]:
+    """Each variant's effective tokens/s."""
+    return {r["variant"]: r["effective_tokens_per_s"] for r in run["results"]}
+
+
 def _bf16_slower(profile: dict) -> bool:
     """Whether the profiled CPU multiplies slower in bf16 than in fp32: it has no bf16 matmul units."""
     return profile["matmul_gflops"]["bfloat16"] < profile["matmul_gflops"]["float32"]
@@ -347,7 +352,7 @@ def _speed_bf16(run: dict, profile: dict) -> list[str]:
             f"{r['effective_tokens_per_s'] / tuned_bf16['effective_tokens_per_s']:.2f}x | "
             f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['mean_loss']:.3f} | {r['utilization_pct']:.0f}% |"
         )
-    speed = {name: r["effective_tokens_per_s"] for name, r in by_name.items()}
+    speed = _speeds(run)
     gflops = profile["matmul_gflops"]
     slower = (
         f" (the profile's CPU above: {gflops['bfloat16']} GFLOP/s in bf16 against {gflops['float32']} in fp32)"
@@ -389,7 +394,7 @@ def _fp32_utilization(run: dict, result: dict) -> float:
 def _speed_attention(bf16: dict, attention: dict) -> list[str]:
     """Eager attention in bf16: its gain on the benchmark's rows, and what it costs as rows grow."""
     by_name = _by_variant(bf16)
-    speed = {name: r["effective_tokens_per_s"] for name, r in by_name.items()}
+    speed = _speeds(bf16)
     reference, other = attention["pair"]
     import scaling as scaling_script  # imported here because it pulls in torch and TRL
 
