@@ -64,7 +64,7 @@ SPEED_RUNS = {
     ),
     "breakdown": "sft-2026-12-07T034852.json",
     "bf16": "sft-2026-12-07T001135.json",  # TRL tuned and ours in fp32, bf16, bf16 + eager; ours with torch masks
-    "profile": "profile-2026-12-07T150152.json",
+    "profile": "profile-2026-12-07T151133.json",
     "scaling": "scaling-2026-12-07T021120.json",
     "attention": "scaling-2026-12-06T205017.json",  # ours-bf16 against ours-eager-bf16 by row length
 }
@@ -435,18 +435,20 @@ def _speed_profile(profile: dict) -> list[str]:
     total = sum(seconds.values())
     shares = ", ".join(f"{group} {100 * s / total:.0f}%" for group, s in seconds.items())
     gflops = profile["matmul_gflops"]
-    dense, lora = profile["matmuls"]["dense"], profile["matmuls"]["lora"]
+    dense, lora, optimizer = profile["matmuls"]["dense"], profile["matmuls"]["lora"], profile["optimizer"]
     largest = ", ".join(f"{op} ({100 * s / total:.0f}%)" for op, s in list(profile["largest_other"].items())[:3])
     return [
         f"Where the time goes (`benchmarks/step_profile.py`, {profile['date'][:10]}, ours under torch.profiler): "
         f"{shares}. The dense matmuls run at {dense['gflop_per_s']} GFLOP/s, "
         f"{dense['gflop_per_s'] / gflops['float32']:.2f}x the dense fp32 rate measured beside them, and LoRA's "
         f"rank-{profile['lora_rank']} products ({100 * lora['s'] / total:.0f}% of the time) at {lora['gflop_per_s']}; "
-        f"the largest of the other ops are {largest}. The matmuls are the same work in TRL, so a lever that leaves "
-        f"them alone cannot make training more than {total / seconds['matmul']:.2f}x faster even if every other op "
-        f"became free. The one lever on the matmuls themselves, bf16 compute, runs at {gflops['bfloat16']} GFLOP/s "
-        f"against fp32's {gflops['float32']} on this profile's CPU (torch capability {profile['cpu_capability']})"
-        + (", which has no bf16 matmul units." if _bf16_slower(profile) else "."),
+        f"the largest of the other ops are {largest}; the optimizer's steps ({optimizer['name']}"
+        f"{', fused' if optimizer['fused'] else ''}, transformers' default) take {100 * optimizer['s'] / total:.1f}% "
+        "of the time, so no other optimizer implementation could save more. The matmuls are the same work in TRL, so "
+        f"a lever that leaves them alone cannot make training more than {total / seconds['matmul']:.2f}x faster even "
+        "if every other op became free. The one lever on the matmuls themselves, bf16 compute, runs at "
+        f"{gflops['bfloat16']} GFLOP/s against fp32's {gflops['float32']} on this profile's CPU (torch capability "
+        f"{profile['cpu_capability']})" + (", which has no bf16 matmul units." if _bf16_slower(profile) else "."),
     ]
 
 

@@ -9,7 +9,7 @@ torch.profiler, and groups the aten ops' self time:
     attention   scaled-dot-product attention, forward and backward
     dropout     the random draws of LoRA dropout's masks (one mask per adapted module, also for q, k and v, which
                 share their input); applying a packed mask (adapter.dropout_masks=packed) counts as other
-    other       elementwise ops, norms, the optimizer, copies
+    other       elementwise ops, norms, the optimizer (timed on its own too), copies
 
 The matmul share bounds every lever that leaves the matmuls as they are (compile, fusion, allocators): with all
 other ops free the training would run 1 / share times faster. The matmuls are split by their input shapes into the
@@ -79,8 +79,15 @@ def profile_training(rows_file: Path, steps: int, batch_size: int, overrides: li
             kind, flops = matmul_work(event.input_shapes, rank)
             matmuls[kind]["s"] += event.self_cpu_time_total / 1e6
             matmuls[kind]["flops"] += flops * event.count
+    # The Trainer's optimizer steps, fused or not: a bound on what any other optimizer implementation could save.
+    optimizer = [e for e in prof.key_averages() if e.key.startswith("Optimizer.step#")]
     breakdown = {
         "seconds": seconds,
+        "optimizer": {
+            "name": optimizer[0].key.removeprefix("Optimizer.step#").removesuffix(".step"),
+            "fused": any(e.key.startswith("aten::_fused_adam") for e in prof.key_averages()),
+            "s": round(sum(e.cpu_time_total for e in optimizer) / 1e6, 3),
+        },
         "matmuls": {
             kind: {"s": round(m["s"], 3), "gflop_per_s": round(m["flops"] / m["s"] / 1e9, 1)}
             for kind, m in matmuls.items()
@@ -96,7 +103,7 @@ def render(report: dict) -> str:
     total = sum(report["seconds"].values())
     share = {group: s / total for group, s in report["seconds"].items()}
     d = report["data"]
-    dense, lora = report["matmuls"]["dense"], report["matmuls"]["lora"]
+    dense, lora, optimizer = report["matmuls"]["dense"], report["matmuls"]["lora"], report["optimizer"]
     lines = [
         f"## Where a training step's time goes, {report['date'][:10]}: matmuls {100 * share['matmul']:.0f}%, so no "
         f"lever outside them can exceed {1 / share['matmul']:.2f}x",
@@ -114,6 +121,9 @@ def render(report: dict) -> str:
         f"Matmuls by kind: dense {dense['s']:.1f} s at {dense['gflop_per_s']} GFLOP/s, "
         f"LoRA's rank-{report['lora_rank']} products {lora['s']:.1f} s at {lora['gflop_per_s']} GFLOP/s. "
         "Largest other ops: " + ", ".join(f"{op} {s:.1f} s" for op, s in report["largest_other"].items()) + ".",
+        "",
+        f"Optimizer steps ({optimizer['name']}{', fused' if optimizer['fused'] else ''}): {optimizer['s']:.2f} s, "
+        f"{100 * optimizer['s'] / total:.2f}% of the time.",
         "",
         f"Dense matmul on this machine: fp32 {report['matmul_gflops']['float32']} GFLOP/s, bf16 "
         f"{report['matmul_gflops']['bfloat16']} GFLOP/s (torch CPU capability {report['cpu_capability']}).",
@@ -155,6 +165,7 @@ def main() -> None:
         "matmuls": breakdown["matmuls"],
         "lora_rank": run["lora_rank"],
         "largest_other": breakdown["largest_other"],
+        "optimizer": breakdown["optimizer"],
         "matmul_gflops": {
             str(dtype).removeprefix("torch."): round(sft_speed.matmul_flops(dtype=dtype) / 1e9, 1)
             for dtype in (torch.float32, torch.bfloat16)

@@ -132,4 +132,7 @@ def test_the_step_profile_smoke_run_splits_the_training_time_into_op_groups(tmp_
     assert dense["gflop_per_s"] > 0 and lora["gflop_per_s"] > 0 and report["lora_rank"] == 16
     assert 0 < len(report["largest_other"]) <= 5 and sum(report["largest_other"].values()) <= report["seconds"]["other"]
     assert f"dense {dense['s']:.1f} s at {dense['gflop_per_s']} GFLOP/s" in markdown
+    # transformers' default optimizer, torch's fused AdamW, timed over its steps (the one step of this run)
+    assert report["optimizer"]["name"] == "AdamW" and report["optimizer"]["fused"]
+    assert 0 < report["optimizer"]["s"] < total
     assert not list(tmp_path.glob("*.jsonl")), "the data rows must not be left in the output folder"

@@ -165,11 +165,12 @@ def test_the_speed_section_is_rendered_from_the_named_runs_and_says_whether_the_
     profile["matmuls"] = {"dense": {"s": 5.0, "gflop_per_s": 150.0}, "lora": {"s": 1.0, "gflop_per_s": 50.0}}
     profile["matmul_gflops"]["float32"] = 200.0
     profile["largest_other"] = {"aten::mul": 0.5, "aten::where": 0.3, "aten::add": 0.1, "aten::ge": 0.05}
+    profile["optimizer"] = {"name": "AdamW", "fused": False, "s": 0.2}
     (tmp_path / module.SPEED_RUNS["profile"]).write_text(json.dumps(profile))
     assert (
         "The dense matmuls run at 150.0 GFLOP/s, 0.75x the dense fp32 rate measured beside them, and LoRA's rank-16 "
         "products (10% of the time) at 50.0; the largest of the other ops are aten::mul (5%), aten::where (3%), "
-        "aten::add (1%)."
+        "aten::add (1%); the optimizer's steps (AdamW, transformers' default) take 2.0% of the time,"
     ) in module.render_speed(tmp_path)
     # bf16: the ratios follow the file, and the warning cites the profile's CPU only where its bf16 was slower
     bf16_file = tmp_path / module.SPEED_RUNS["bf16"]
