@@ -59,16 +59,17 @@ def matmul_work(input_shapes: list[list[int]], rank: int) -> tuple[str, int]:
 
 def profile_training(rows_file: Path, steps: int, batch_size: int, overrides: list[str]) -> tuple[dict, dict]:
     """Self CPU seconds per group over one `finetune` training run, the matmuls' seconds and FLOPs by kind, the
-    largest ops in "other", and that run's own summary."""
+    largest ops in "other", the optimizer's steps, and that run's own summary."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     rank = sft_speed.LORA["r"]
     with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         result = sft_speed.run_ours(rows_file, steps, batch_size, Path(tmp), overrides, rank)
+    averages = prof.key_averages()
     seconds = dict.fromkeys([*GROUPS, "other"], 0.0)
     other = {}
-    for event in prof.key_averages():
+    for event in averages:
         group = group_of(event.key)
         seconds[group] += event.self_cpu_time_total / 1e6
         if group == "other":
@@ -80,12 +81,12 @@ def profile_training(rows_file: Path, steps: int, batch_size: int, overrides: li
             matmuls[kind]["s"] += event.self_cpu_time_total / 1e6
             matmuls[kind]["flops"] += flops * event.count
     # The Trainer's optimizer steps, fused or not: a bound on what any other optimizer implementation could save.
-    optimizer = [e for e in prof.key_averages() if e.key.startswith("Optimizer.step#")]
+    optimizer = [e for e in averages if e.key.startswith("Optimizer.step#")]
     breakdown = {
         "seconds": seconds,
         "optimizer": {
             "name": optimizer[0].key.removeprefix("Optimizer.step#").removesuffix(".step"),
-            "fused": any(e.key.startswith("aten::_fused_adam") for e in prof.key_averages()),
+            "fused": any(e.key.startswith("aten::_fused_adam") for e in averages),
             "s": round(sum(e.cpu_time_total for e in optimizer) / 1e6, 3),
         },
         "matmuls": {
@@ -95,7 +96,6 @@ def profile_training(rows_file: Path, steps: int, batch_size: int, overrides: li
         "largest_other": {op: round(s, 3) for op, s in sorted(other.items(), key=lambda item: -item[1])[:5]},
     }
     result["torch_threads"] = torch.get_num_threads()
-    result["lora_rank"] = rank
     return breakdown, result
 
 
@@ -163,7 +163,7 @@ def main() -> None:
         "train_runtime_s": run["train_runtime_s"],
         "seconds": {group: round(s, 3) for group, s in breakdown["seconds"].items()},
         "matmuls": breakdown["matmuls"],
-        "lora_rank": run["lora_rank"],
+        "lora_rank": sft_speed.LORA["r"],
         "largest_other": breakdown["largest_other"],
         "optimizer": breakdown["optimizer"],
         "matmul_gflops": {
