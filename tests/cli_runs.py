@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-
-PROJECT = Path(__file__).resolve().parent.parent
+from conftest import PROJECT
 
 ROWS = [
     [{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w.upper())}]

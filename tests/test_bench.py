@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from cli_runs import benchmark, env
-
-PROJECT = Path(__file__).resolve().parent.parent
+from conftest import PROJECT
 
 
 def smoke_run(script: str, out: Path) -> None:

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-PROJECT = Path(__file__).resolve().parent.parent
+from conftest import PROJECT
 
 
 def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:

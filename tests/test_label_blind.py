@@ -10,14 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, shared_data
+from conftest import PROJECT, SHARED_DATA, shared_data
 
 from finetune.data import formats
 from finetune.data.build import read_source
 from finetune.data.readers import READERS, RawSource
 from finetune.recipe import SourceSection
-
-PROJECT = Path(__file__).resolve().parent.parent
 
 
 def prompts(reader: str, path: Path, split: str = "all") -> dict[str, list[dict]]:

@@ -4,13 +4,12 @@ import json
 from pathlib import Path
 
 from cli_runs import benchmark
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import PROJECT
 
 
 def test_readme_tables_match_the_committed_result_files():
     module = benchmark("readme_results")
-    readme = (ROOT / "README.md").read_text()
+    readme = (PROJECT / "README.md").read_text()
     assert module.BEGIN in readme and module.END in readme
     assert module.updated(readme) == readme, "README is stale: run .venv/bin/python benchmarks/readme_results.py"
 
@@ -225,7 +224,7 @@ def test_each_real_recipe_trains_what_its_committed_sweep_chose():
     """`make recipe=real/NAME` must train the winner the README reports, not a variant that lost on validation."""
     from finetune.recipe import load as load_recipe
 
-    sweeps = sorted((ROOT / "benchmarks" / "results" / "real").glob("*/sweep.json"))
+    sweeps = sorted((PROJECT / "benchmarks" / "results" / "real").glob("*/sweep.json"))
     assert sweeps
     for path in sweeps:
         sweep = json.loads(path.read_text())
@@ -243,7 +242,7 @@ def test_committed_intervals_follow_from_their_per_example_records():
     from finetune.eval.metrics import mean, paired_bootstrap
 
     checked = []
-    for path in sorted((ROOT / "benchmarks" / "results").glob("*/*/eval.json")):
+    for path in sorted((PROJECT / "benchmarks" / "results").glob("*/*/eval.json")):
         result = json.loads(path.read_text())
         for name, task in result["tasks"].items():
             records = task["examples"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT
 
 from finetune import config, recipe
 from finetune.cli import main
 from finetune.errors import FinetuneError
 
-PROJECT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((PROJECT / "recipes").glob("*.yaml"))
 
 

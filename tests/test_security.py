@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT
 
 from finetune import cli, hub
 from finetune import model as model_lib
@@ -22,7 +23,6 @@ from finetune.errors import FinetuneError
 from finetune.merge import merge
 from finetune.recipe import ModelSection, load
 
-PROJECT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "bad_inputs" / "models"
 TINY = MODELS / "tiny-llama"
 # Files transformers' Trainer writes into checkpoints/ so a run can resume: optimizer moments, LR schedule,

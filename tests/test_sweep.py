@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import yaml
+from conftest import PROJECT
 
 from finetune.cli import main
 
-PROJECT = Path(__file__).resolve().parent.parent
 PUBMEDQA_SAMPLE = PROJECT / "datasets" / "medical" / "pubmedqa" / "ori_pqal.json"
 
 
